@@ -1,0 +1,112 @@
+"""The probabilistic math of ABMLL as small pure functions.
+
+Every function here is side-effect free, works on plain tensors, and is tested against a reference
+(``torch.distributions``) in ``tests/test_bayes.py``. Shapes use ``r`` for the LoRA rank, ``d_in`` /
+``d_out`` for the adapted layer's input / output width and ``N`` for any number of leading rows.
+
+A Bayesian LoRA "scale pair" ``(A, B)`` with ``A: (r, d_in)`` and ``B: (d_out, r)`` parameterises a
+standard deviation for every entry of the weight update ``Delta W`` (``d_out x d_in``):
+
+- ``linear`` (paper-literal): ``sigma = s * B @ A + c``; variance ``sigma**2 + c**2`` so that
+  ``log(variance)`` stays finite when ``sigma`` crosses zero.
+- ``softplus``: ``sigma = softplus(B @ A + rho0) + c`` with ``rho0`` chosen from the initial std.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "SCALE_TYPES",
+    "entry_variance",
+    "gaussian_kl",
+    "inverse_softplus",
+    "log_gamma_precision",
+    "log_normal",
+    "lowrank_output_variance",
+]
+
+SCALE_TYPES = ("linear", "softplus")
+
+
+def inverse_softplus(y: float) -> float:
+    """Return ``x`` with ``softplus(x) == y`` for ``y > 0`` (stable for small and large ``y``)."""
+    if y <= 0:
+        raise ValueError(f"inverse_softplus needs y > 0, got {y}")
+    return y + math.log(-math.expm1(-y))
+
+
+def entry_variance(
+    A: torch.Tensor, B: torch.Tensor, *, scale_type: str, scaling: float, floor: float, rho0: float = 0.0
+) -> torch.Tensor:
+    """Variance of every weight-update entry from a scale pair, in float32.
+
+    Args:
+        A: ``(r, d_in)`` scale factor. B: ``(d_out, r)`` scale factor.
+        scale_type: ``"linear"`` or ``"softplus"`` (see the module docstring).
+        scaling: ``s = lora_alpha / r`` (used by ``linear`` only).
+        floor: the constant ``c`` added to the standard deviation.
+        rho0: softplus offset (``softplus`` only).
+
+    Returns:
+        ``(d_out, d_in)`` variances, strictly positive.
+    """
+    raw = B.float() @ A.float()
+    if scale_type == "linear":
+        sigma = scaling * raw + floor
+        return sigma.square() + floor**2
+    if scale_type == "softplus":
+        return (F.softplus(raw + rho0) + floor).square()
+    raise ValueError(f"Unknown scale_type {scale_type!r}; expected one of {SCALE_TYPES}.")
+
+
+def lowrank_output_variance(
+    x_sq: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scaling: float, floor: float
+) -> torch.Tensor:
+    """Output variance ``x**2 @ variance.T`` of a ``linear``-scale layer without forming ``d_out x d_in``.
+
+    With ``sigma = s B A + c`` and variance ``sigma**2 + c**2``::
+
+        variance = s**2 (BA)∘(BA) + 2 s c BA + 2 c**2
+        (BA)∘(BA) = sum_{k<=l} w_kl (B[:,k] B[:,l]) (A[k] A[l])      (w = 1 on the diagonal, 2 off it)
+
+    so the cost is ``O(N r (r+1)/2 (d_in + d_out))`` instead of ``O(N d_in d_out)``.
+
+    Args:
+        x_sq: ``(..., d_in)`` squared inputs. A: ``(r, d_in)``. B: ``(d_out, r)``.
+
+    Returns:
+        ``(..., d_out)`` float32 variances of the sampled part of the output (``>= 0``).
+    """
+    x_sq = x_sq.float()
+    A, B = A.float(), B.float()
+    r = A.shape[0]
+    k, l = torch.triu_indices(r, r, device=A.device)
+    weight = torch.where(k == l, 1.0, 2.0).to(A.dtype)
+    A_pairs = A[k] * A[l]  # (r(r+1)/2, d_in)
+    B_pairs = B[:, k] * B[:, l] * weight  # (d_out, r(r+1)/2)
+    quadratic = (x_sq @ A_pairs.T) @ B_pairs.T
+    linear = (x_sq @ A.T) @ B.T
+    constant = x_sq.sum(dim=-1, keepdim=True)
+    return scaling**2 * quadratic + (2 * scaling * floor) * linear + (2 * floor**2) * constant
+
+
+def gaussian_kl(
+    mean_q: torch.Tensor, var_q: torch.Tensor, mean_p: torch.Tensor, var_p: torch.Tensor
+) -> torch.Tensor:
+    """Element-wise ``KL(N(mean_q, var_q) || N(mean_p, var_p))`` (same shapes in and out)."""
+    return 0.5 * (torch.log(var_p) - torch.log(var_q) + (var_q + (mean_q - mean_p).square()) / var_p - 1.0)
+
+
+def log_normal(value: torch.Tensor, std: float) -> torch.Tensor:
+    """Element-wise log density of ``N(0, std**2)`` at ``value``."""
+    return -0.5 * math.log(2 * math.pi * std**2) - value.square() / (2 * std**2)
+
+
+def log_gamma_precision(var: torch.Tensor, a0: float, b0: float) -> torch.Tensor:
+    """Element-wise log density of ``Gamma(a0, rate=b0)`` at the precision ``1 / var``."""
+    precision = 1.0 / var
+    return a0 * math.log(b0) - math.lgamma(a0) + (a0 - 1.0) * torch.log(precision) - b0 * precision

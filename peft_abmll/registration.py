@@ -1,0 +1,37 @@
+"""Make PEFT aware of ABMLL: fill PEFT's type-to-class tables (idempotent, never overwriting others)."""
+
+from __future__ import annotations
+
+from .peft_type import PREFIX, ABMLLPeftType
+from .tuner.config import ABMLLConfig
+from .tuner.model import ABMLLModel
+
+
+def register() -> None:
+    """Register ABMLL with PEFT so `get_peft_model`, `PeftModel.from_pretrained` & co. know it.
+
+    PEFT's own `register_peft_method` only accepts members of its closed `PeftType` enum, so this
+    fills the same mapping tables with our own str-enum key. Safe to call any number of times;
+    raises `RuntimeError` if another package registered a different method under ``"ABMLL"``.
+    """
+    from peft import mapping
+
+    key = ABMLLPeftType.ABMLL
+    tables = (
+        (mapping.PEFT_TYPE_TO_CONFIG_MAPPING, ABMLLConfig),
+        (mapping.PEFT_TYPE_TO_TUNER_MAPPING, ABMLLModel),
+        (mapping.PEFT_TYPE_TO_PREFIX_MAPPING, PREFIX),
+    )
+    for table, value in tables:
+        existing = table.get(key)
+        if existing is not None and existing is not value and _qualname(existing) != _qualname(value):
+            raise RuntimeError(
+                f"PEFT already has a method registered as {key.value!r} ({existing!r}); peft_abmll cannot register "
+                "over it. Uninstall the other plugin or import peft_abmll first."
+            )
+    for table, value in tables:
+        table[key] = value
+
+
+def _qualname(obj: object) -> str:
+    return obj if isinstance(obj, str) else f"{obj.__module__}.{obj.__qualname__}"  # type: ignore[attr-defined]

@@ -1,0 +1,220 @@
+"""`ABMLLConfig`: every knob of an ABMLL adapter, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ..bayes import SCALE_TYPES
+from ..peft_type import ABMLLPeftType
+
+SAMPLING_MODES = ("local", "weight")
+PREDICTIVE_MODES = ("mean", "sample")
+POSTERIORS = ("global", "local")
+BIAS_MODES = ("none", "all", "abmll_only")
+
+
+@dataclass
+class ABMLLConfig(PeftConfig):
+    """Configuration of an ABMLL (Amortized Bayesian Meta-Learning for LoRA) adapter.
+
+    An ABMLL adapter is a *Bayesian* LoRA: instead of one low-rank update ``Delta W = s * B @ A`` per
+    adapted layer it holds a Gaussian distribution over ``Delta W`` -- a low-rank mean and a low-rank
+    standard deviation for every entry -- twice:
+
+    - the **global** posterior ``theta``: what is shared by all tasks, learned across many tasks
+      (meta-training); it is also the prior for every single task;
+    - the **local** posterior ``phi``: a task's own distribution, reached from ``theta`` by a few
+      gradient steps on that task's examples (adaptation).
+
+    In training mode the forward pass draws a random ``Delta W`` from the active posterior
+    (reparameterised, so gradients flow); in eval mode it uses the mean (deterministic, equal to
+    the merged weights) or a seeded sample. See ``docs/method.md`` for the math.
+
+    Example::
+
+        >>> import peft_abmll  # registers ABMLL with PEFT
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_abmll.ABMLLConfig(r=8, lora_alpha=16))
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of every low-rank factor pair (like LoRA's `r`)."})
+    lora_alpha: float = field(
+        default=16,
+        metadata={"help": "LoRA scaling numerator: the mean update is `(lora_alpha / r) * B @ A`, as in LoRA."},
+    )
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout probability on the adapter's input (as in LoRA); 0 disables it."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Names (suffix match) or a regex of the modules to adapt. Default: the query, value and output "
+            "attention projections, looked up from the model's `model_type` for Llama, Mistral, Qwen2, Gemma, Phi, "
+            "GPT-2 and other common families; for an unknown family pass them explicitly. 'all-linear' adapts every "
+            "linear layer except the output head."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names (suffix match) or a regex of modules never to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the blocks with these indices (needs list `target_modules`)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the `nn.ModuleList` holding the blocks (e.g. 'layers' or 'h'), for `layers_to_transform`."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Extra modules (e.g. a classification head) trained in full and saved with the adapter."},
+    )
+    bias: Literal["none", "all", "abmll_only"] = field(
+        default="none",
+        metadata={"help": "Which biases to train: 'none', 'all', or 'abmll_only' (biases of adapted layers)."},
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "Set automatically for GPT-2-style `Conv1D` layers whose weight is stored transposed."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the adapter starts as the identity (mean B = 0, so eval outputs equal the base model's). "
+            "False: random non-zero means (for tests and research only)."
+        },
+    )
+    scale_type: Literal["linear", "softplus"] = field(
+        default="linear",
+        metadata={
+            "help": "How the low-rank scale pair (A_s, B_s) becomes a standard deviation per weight entry. 'linear' "
+            "(the paper's): sigma = (lora_alpha/r) * B_s @ A_s + scale_floor; allows the cheap 'local' sampling. "
+            "'softplus': sigma = softplus(B_s @ A_s + rho0) + scale_floor; always positive, needs 'weight' sampling."
+        },
+    )
+    scale_floor: float = field(
+        default=1e-6,
+        metadata={
+            "help": "The constant c added to every standard deviation (the paper uses exp(-20)). Keeps variances and "
+            "log-variances finite. Must be > 0 and smaller than `init_std`."
+        },
+    )
+    init_std: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Standard deviation of every weight-update entry at initialisation, for both posteriors. Too small "
+            "makes the KL and prior terms huge (they scale with 1/std^2); too large adds noise to every forward pass."
+        },
+    )
+    beta: float = field(
+        default=1e-7,
+        metadata={
+            "help": "Weight of the KL and hyperprior terms in the loss (the paper's tempering; 1e-7 there). These terms "
+            "sum over every weight entry while the data loss is a per-token mean, hence the small value."
+        },
+    )
+    prior_a0: float = field(
+        default=1.0, metadata={"help": "Shape a0 of the Gamma hyperprior on the global precision 1/sigma^2 (ABML: 1)."}
+    )
+    prior_b0: float = field(
+        default=0.01, metadata={"help": "Rate b0 of the Gamma hyperprior on the global precision (ABML: 0.01)."}
+    )
+    prior_mean_std: float = field(
+        default=1.0, metadata={"help": "Standard deviation of the Normal(0, std^2) hyperprior on the global mean entries."}
+    )
+    sampling: Literal["local", "weight"] = field(
+        default="local",
+        metadata={
+            "help": "How training forward passes draw the random update. 'weight' (the paper's): one noise matrix "
+            "d_out x d_in per forward pass, shared by the batch. 'local': sample each output unit directly from its "
+            "exact Gaussian law (local reparameterisation), at LoRA-like cost; needs scale_type='linear'."
+        },
+    )
+    predictive_mode: Literal["mean", "sample"] = field(
+        default="mean",
+        metadata={
+            "help": "What eval-mode forward passes compute. 'mean': the posterior mean only, deterministic and equal to "
+            "the merged model. 'sample': a weight sample drawn from a seeded generator (deterministic per sample "
+            "index); `peft_abmll.predict_proba` averages `num_samples` of them."
+        },
+    )
+    num_samples: int = field(
+        default=1,
+        metadata={"help": "Posterior samples averaged at prediction time with predictive_mode='sample' (paper: 1)."},
+    )
+    sample_seed: int = field(
+        default=0, metadata={"help": "Seed of the eval-mode samples (predictive_mode='sample'), for reproducibility."}
+    )
+    posterior: Literal["global", "local"] = field(
+        default="global",
+        metadata={
+            "help": "Which posterior the forward pass, merging and export use: 'global' (the meta-learned one) or "
+            "'local' (a task's adapted one; `peft_abmll.adapt` switches to it). Saved with the adapter."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ABMLLPeftType.ABMLL
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA scaling ``s = lora_alpha / r``."""
+        return self.lora_alpha / self.r
+
+    def _validate(self) -> None:
+        """Raise a ValueError naming the field and the fix for any inconsistent value."""
+        _require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r,
+                 "a positive integer rank, e.g. r=8")
+        _require(_finite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha,
+                 "a positive number, e.g. lora_alpha=16")
+        _require(_finite(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout,
+                 "a probability in [0, 1)")
+        _require(_finite(self.scale_floor) and self.scale_floor > 0, "scale_floor", self.scale_floor,
+                 "a small positive number, e.g. 1e-6")
+        _require(_finite(self.init_std) and self.init_std > self.scale_floor, "init_std", self.init_std,
+                 f"a positive std larger than scale_floor={self.scale_floor}, e.g. 1e-3")
+        _require(_finite(self.beta) and self.beta >= 0, "beta", self.beta, "a non-negative weight, e.g. 1e-7")
+        for name in ("prior_a0", "prior_b0", "prior_mean_std"):
+            value = getattr(self, name)
+            _require(_finite(value) and value > 0, name, value, "a positive number")
+        _require(isinstance(self.num_samples, int) and self.num_samples >= 1, "num_samples", self.num_samples,
+                 "an integer >= 1")
+        _choice("scale_type", self.scale_type, SCALE_TYPES)
+        _choice("sampling", self.sampling, SAMPLING_MODES)
+        _choice("predictive_mode", self.predictive_mode, PREDICTIVE_MODES)
+        _choice("posterior", self.posterior, POSTERIORS)
+        _choice("bias", self.bias, BIAS_MODES)
+        if self.sampling == "local" and self.scale_type != "linear":
+            raise ValueError(
+                f"ABMLLConfig: sampling='local' needs scale_type='linear' (its output variance is low-rank only for the "
+                f"linear scale), got scale_type={self.scale_type!r}. Use sampling='weight' with '{self.scale_type}', "
+                "or scale_type='linear'."
+            )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("ABMLLConfig: `layers_to_transform` cannot be used when `target_modules` is a regex str; "
+                             "pass target_modules as a list of names instead.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("ABMLLConfig: `layers_pattern` needs `layers_to_transform`; set both or neither.")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, name: str, value: object, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"ABMLLConfig: invalid {name}={value!r}; use {fix}.")
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"ABMLLConfig: unknown {name}={value!r}; choose one of {', '.join(map(repr, allowed))}.")

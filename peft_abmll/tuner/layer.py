@@ -1,0 +1,317 @@
+"""The Bayesian LoRA layer: four low-rank pairs per adapter, reparameterised sampling, closed-form KL.
+
+Per adapter name the layer holds (``A: (r, d_in)``, ``B: (d_out, r)``)::
+
+    global mean   abmll_global_mean_A / _B     mu_theta    = s * B @ A
+    global scale  abmll_global_scale_A / _B    sigma_theta = scale(B @ A)
+    local mean    abmll_local_mean_A / _B      mu_phi      = s * B @ A
+    local scale   abmll_local_scale_A / _B     sigma_phi   = scale(B @ A)
+
+The *active posterior* (``"global"`` or ``"local"``) is what the forward pass, merging and export use.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.pytorch_utils import Conv1D
+
+from .. import bayes
+from .config import ABMLLConfig
+
+POSTERIOR_PAIRS = {
+    "global": ("abmll_global_mean_A", "abmll_global_mean_B", "abmll_global_scale_A", "abmll_global_scale_B"),
+    "local": ("abmll_local_mean_A", "abmll_local_mean_B", "abmll_local_scale_A", "abmll_local_scale_B"),
+}
+TRAINABLE_CHOICES = ("global", "local", "both", "none")
+
+
+class ABMLLLayer(BaseTunerLayer):
+    """Adapter state and math shared by every ABMLL layer type (see the module docstring)."""
+
+    adapter_layer_names = POSTERIOR_PAIRS["global"] + POSTERIOR_PAIRS["local"]
+    other_param_names = ("r", "scaling", "abmll_dropout", "abmll_settings", "abmll_posterior")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.abmll_dropout = nn.ModuleDict({})
+        self.abmll_settings: dict[str, dict[str, Any]] = {}
+        self.abmll_posterior: dict[str, str] = {}
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict({}))
+        self.frozen_peft_weight_names = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.abmll_layer_index = 0  # set by the tuner; decorrelates eval-mode samples across layers
+        self.abmll_sample_index = 0  # which seeded eval-mode sample to draw (predict_proba sets it)
+
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"ABMLL cannot adapt a layer of type {type(self.get_base_layer()).__name__}.")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kwargs = kwargs
+
+    # ----------------------------------------------------------------------------------- set-up
+    def update_layer(self, adapter_name: str, config: ABMLLConfig, inference_mode: bool = False) -> None:
+        """Create (or re-create) the eight factors of `adapter_name` from `config`."""
+        r = config.r
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = config.scaling
+        self.abmll_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.abmll_settings[adapter_name] = _layer_settings(config)
+        self.abmll_posterior[adapter_name] = config.posterior
+        shapes = {"A": (r, self.in_features), "B": (self.out_features, r)}
+        for name in self.adapter_layer_names:
+            getattr(self, name)[adapter_name] = nn.Parameter(torch.empty(shapes[name[-1]]))
+        self.reset_abmll_parameters(adapter_name, init_weights=config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_trainable_posterior(adapter_name, config.posterior)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_abmll_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """Initialise the global pairs (mean: LoRA-style; scale: std ``init_std``) and copy them to local."""
+        mean_A, mean_B, scale_A, scale_B = (getattr(self, n)[adapter_name] for n in POSTERIOR_PAIRS["global"])
+        if mean_A.is_meta:
+            return
+        nn.init.kaiming_uniform_(mean_A, a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(mean_B)
+        else:
+            nn.init.normal_(mean_B, std=0.1)
+        settings = self.abmll_settings[adapter_name]
+        if settings["scale_type"] == "linear":
+            # s * B @ A + c = init_std with B @ A ~ constant; jitter breaks the symmetry between rank columns
+            value = math.sqrt((settings["init_std"] - settings["floor"]) / (self.scaling[adapter_name] * mean_A.shape[0]))
+            scale_A.copy_(value * (1 + 0.1 * torch.randn_like(scale_A)))
+            scale_B.copy_(value * (1 + 0.1 * torch.randn_like(scale_B)))
+        else:
+            nn.init.normal_(scale_A, std=1.0 / math.sqrt(scale_A.shape[1]))
+            nn.init.normal_(scale_B, std=0.01)
+        self.reset_local_to_global(adapter_name)
+
+    @torch.no_grad()
+    def reset_local_to_global(self, adapter_name: str) -> None:
+        """Copy the global pairs into the local pairs (``phi <- theta``), in place."""
+        for global_name, local_name in zip(POSTERIOR_PAIRS["global"], POSTERIOR_PAIRS["local"]):
+            getattr(self, local_name)[adapter_name].copy_(getattr(self, global_name)[adapter_name])
+
+    def set_posterior(self, adapter_name: str, posterior: str) -> None:
+        """Make `posterior` ("global"/"local") the one forward, merge and export use."""
+        if posterior not in POSTERIOR_PAIRS:
+            raise ValueError(f"posterior must be 'global' or 'local', got {posterior!r}.")
+        if adapter_name in self.merged_adapters:
+            raise ValueError("Cannot switch the posterior of a merged adapter; call `unmerge_adapter()` first.")
+        self.abmll_posterior[adapter_name] = posterior
+
+    def set_trainable_posterior(self, adapter_name: str, which: str) -> None:
+        """Declare which pairs of `adapter_name` may train: "global", "local", "both" or "none".
+
+        Goes through PEFT's `frozen_peft_weight_names`, so PEFT's own `set_adapter` and
+        `_mark_only_adapters_as_trainable` respect it.
+        """
+        if which not in TRAINABLE_CHOICES:
+            raise ValueError(f"trainable must be one of {TRAINABLE_CHOICES}, got {which!r}.")
+        frozen = {"global": POSTERIOR_PAIRS["local"], "local": POSTERIOR_PAIRS["global"], "both": ()}
+        self.frozen_peft_weight_names[adapter_name] = frozen.get(which, self.adapter_layer_names)
+        trainable = adapter_name in self.active_adapters and not self.disable_adapters
+        for name in self.adapter_layer_names:
+            if adapter_name in getattr(self, name):
+                wanted = trainable and name not in self.frozen_peft_weight_names[adapter_name]
+                getattr(self, name)[adapter_name].requires_grad_(wanted)
+
+    # ----------------------------------------------------------------------------------- math
+    def posterior_factors(self, adapter_name: str, posterior: Optional[str] = None) -> tuple[torch.Tensor, ...]:
+        """``(mean_A, mean_B, scale_A, scale_B)`` of a posterior (default: the active one)."""
+        posterior = posterior or self.abmll_posterior[adapter_name]
+        return tuple(getattr(self, n)[adapter_name] for n in POSTERIOR_PAIRS[posterior])
+
+    def posterior_moments(self, adapter_name: str, posterior: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense float32 ``(mean, variance)`` of ``Delta W``, each ``(d_out, d_in)``."""
+        mean_A, mean_B, scale_A, scale_B = self.posterior_factors(adapter_name, posterior)
+        return _moments(mean_A, mean_B, scale_A, scale_B, **self._math_kwargs(adapter_name))
+
+    def kl_divergence(self, adapter_name: str) -> torch.Tensor:
+        """``KL(q_local || p_global)`` summed over every entry of ``Delta W`` (float32 scalar).
+
+        Computed under activation checkpointing so only the factors are kept for backward.
+        """
+        local = self.posterior_factors(adapter_name, "local")
+        global_ = self.posterior_factors(adapter_name, "global")
+        kwargs = self._math_kwargs(adapter_name)
+        return _maybe_checkpoint(lambda *f: _kl_from_factors(f[:4], f[4:], kwargs), *local, *global_)
+
+    def log_prior(self, adapter_name: str) -> torch.Tensor:
+        """Log hyperprior of the global posterior: Normal on means + Gamma on precisions (float32 scalar)."""
+        settings = self.abmll_settings[adapter_name]
+        kwargs = self._math_kwargs(adapter_name)
+
+        def _log_prior(*factors: torch.Tensor) -> torch.Tensor:
+            mean, var = _moments(*factors, **kwargs)
+            return (
+                bayes.log_normal(mean, settings["prior_mean_std"]).sum()
+                + bayes.log_gamma_precision(var, settings["prior_a0"], settings["prior_b0"]).sum()
+            )
+
+        return _maybe_checkpoint(_log_prior, *self.posterior_factors(adapter_name, "global"))
+
+    def _math_kwargs(self, adapter_name: str) -> dict[str, Any]:
+        settings = self.abmll_settings[adapter_name]
+        return {
+            "scaling": self.scaling[adapter_name],
+            "scale_type": settings["scale_type"],
+            "floor": settings["floor"],
+            "rho0": settings["rho0"],
+        }
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Mean weight update of the active posterior in the base weight's layout and dtype (never sampled)."""
+        mean_A, mean_B = self.posterior_factors(adapter_name)[:2]
+        delta = (mean_B.float() @ mean_A.float()) * self.scaling[adapter_name]
+        if self._weight_is_transposed():
+            delta = delta.T
+        return delta.to(self.get_base_weight().dtype)
+
+    def _weight_is_transposed(self) -> bool:
+        return isinstance(self.get_base_layer(), Conv1D)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    # ----------------------------------------------------------------------------------- forward pieces
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter's additive output for input ``x: (..., d_in)`` -> ``(..., d_out)``."""
+        mean_A, mean_B, scale_A, scale_B = self.posterior_factors(adapter_name)
+        x = self.abmll_dropout[adapter_name](self._cast_input_dtype(x, mean_A.dtype))
+        out = F.linear(F.linear(x, mean_A), mean_B) * self.scaling[adapter_name]
+        if self.training or self.abmll_settings[adapter_name]["predictive_mode"] == "sample":
+            out = out + self._noise(x, adapter_name, scale_A, scale_B).to(out.dtype)
+        return out
+
+    def _noise(self, x: torch.Tensor, adapter_name: str, scale_A: torch.Tensor, scale_B: torch.Tensor) -> torch.Tensor:
+        """The zero-mean random part ``(sigma * eps) x`` of the output, float32."""
+        settings = self.abmll_settings[adapter_name]
+        generator = None if self.training else self._eval_generator(x.device, adapter_name)
+        if settings["sampling"] == "local":
+            var = bayes.lowrank_output_variance(
+                x.float().square(), scale_A, scale_B, scaling=self.scaling[adapter_name], floor=settings["floor"]
+            )
+            eps = torch.randn(var.shape, device=var.device, dtype=var.dtype, generator=generator)
+            return var.clamp_min(1e-30).sqrt() * eps
+        var = bayes.entry_variance(scale_A, scale_B, **_entry_kwargs(self._math_kwargs(adapter_name)))
+        eps = torch.randn(var.shape, device=var.device, dtype=var.dtype, generator=generator)
+        return F.linear(x.float(), var.sqrt() * eps)
+
+    def _eval_generator(self, device: torch.device, adapter_name: str) -> torch.Generator:
+        """A generator seeded by (sample_seed, sample index, layer index): eval samples are reproducible."""
+        seed = self.abmll_settings[adapter_name]["sample_seed"]
+        generator = torch.Generator(device=device)
+        generator.manual_seed(hash((seed, self.abmll_sample_index, self.abmll_layer_index)) % (2**63))
+        return generator
+
+    def _active_abmll_adapters(self) -> Iterator[str]:
+        return (name for name in self.active_adapters if name in self.abmll_global_mean_A)
+
+
+class Linear(nn.Module, ABMLLLayer):
+    """ABMLL around a `torch.nn.Linear` or a transformers `Conv1D` (GPT-2 family)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: ABMLLConfig, **kwargs: Any) -> None:
+        super().__init__()
+        ABMLLLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._active_abmll_adapters():
+            result = result + self.adapter_output(x, name).to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the active posterior's *mean* into the base weight (never a sample)."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.abmll_global_mean_A:
+                continue
+            weight = self.get_base_weight()
+            merged = weight.data.float() + self.get_delta_weight(name).float()
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            self.set_base_weight(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.abmll_global_mean_A:
+                weight = self.get_base_weight()
+                self.set_base_weight((weight.data.float() - self.get_delta_weight(name).float()).to(weight.dtype))
+
+    def __repr__(self) -> str:
+        return "abmll." + super().__repr__()
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _layer_settings(config: ABMLLConfig) -> dict[str, Any]:
+    rho0 = bayes.inverse_softplus(config.init_std - config.scale_floor) if config.scale_type == "softplus" else 0.0
+    return {
+        "scale_type": config.scale_type,
+        "floor": config.scale_floor,
+        "init_std": config.init_std,
+        "rho0": rho0,
+        "sampling": config.sampling,
+        "predictive_mode": config.predictive_mode,
+        "sample_seed": config.sample_seed,
+        "prior_a0": config.prior_a0,
+        "prior_b0": config.prior_b0,
+        "prior_mean_std": config.prior_mean_std,
+    }
+
+
+def _entry_kwargs(math_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: math_kwargs[k] for k in ("scale_type", "scaling", "floor", "rho0")}
+
+
+def _moments(
+    mean_A: torch.Tensor,
+    mean_B: torch.Tensor,
+    scale_A: torch.Tensor,
+    scale_B: torch.Tensor,
+    **math_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = (mean_B.float() @ mean_A.float()) * math_kwargs["scaling"]
+    return mean, bayes.entry_variance(scale_A, scale_B, **_entry_kwargs(math_kwargs))
+
+
+def _kl_from_factors(local: tuple, global_: tuple, math_kwargs: dict[str, Any]) -> torch.Tensor:
+    mean_q, var_q = _moments(*local, **math_kwargs)
+    mean_p, var_p = _moments(*global_, **math_kwargs)
+    return bayes.gaussian_kl(mean_q, var_q, mean_p, var_p).sum()
+
+
+def _maybe_checkpoint(fn: Any, *tensors: torch.Tensor) -> torch.Tensor:
+    """Run `fn` under non-reentrant activation checkpointing when a gradient is needed."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return checkpoint(fn, *tensors, use_reentrant=False)
+    return fn(*tensors)

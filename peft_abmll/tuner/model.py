@@ -1,0 +1,189 @@
+"""`ABMLLModel`: the PEFT tuner that swaps target linear layers for ABMLL layers, plus model-wide verbs."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..peft_type import PREFIX
+from .config import ABMLLConfig
+from .layer import ABMLLLayer, Linear
+
+#: Default targets per transformers ``model_type``: the query, value and output attention projections.
+#: Fused-qkv families (GPT-2, Phi-3, GPT-NeoX, Falcon, ...) adapt the fused projection plus the output one.
+TARGET_MODULES_MAPPING: dict[str, list[str]] = {
+    **{
+        family: ["q_proj", "v_proj", "o_proj"]
+        for family in (
+            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+            "gemma3_text", "olmo", "olmo2", "granite", "stablelm", "smollm3", "cohere", "starcoder2", "deepseek_v2",
+        )
+    },
+    "phi": ["q_proj", "v_proj", "dense"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt2": ["c_attn", "attn.c_proj"],
+    "gpt_bigcode": ["c_attn", "attn.c_proj"],
+    "gpt_neox": ["query_key_value", "attention.dense"],
+    "falcon": ["query_key_value", "self_attention.dense"],
+    "bloom": ["query_key_value", "self_attention.dense"],
+    "gptj": ["q_proj", "v_proj", "out_proj"],
+    "gpt_neo": ["q_proj", "v_proj", "out_proj"],
+    "opt": ["q_proj", "v_proj", "out_proj"],
+    "bart": ["q_proj", "v_proj", "out_proj"],
+    "bert": ["query", "value", "attention.output.dense"],
+    "roberta": ["query", "value", "attention.output.dense"],
+    "t5": ["q", "v", "o"],
+    "mt5": ["q", "v", "o"],
+}
+
+
+class ABMLLModel(BaseTuner):
+    """Creates an ABMLL model from a pretrained transformers model.
+
+    Normally built by ``peft.get_peft_model(model, ABMLLConfig(...))`` after ``import peft_abmll``.
+    Besides PEFT's usual tuner methods it offers the ABMLL verbs, all reachable from the `PeftModel`:
+    `kl_divergence`, `log_prior`, `reset_local_to_global`, `set_posterior`,
+    `set_trainable_posterior` and `posterior_sample`.
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = ABMLLLayer
+    target_module_mapping = TARGET_MODULES_MAPPING
+
+    def _prepare_adapter_config(self, peft_config: ABMLLConfig, model_config: dict) -> ABMLLConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in self.target_module_mapping:
+                raise ValueError(
+                    f"ABMLL has no default target modules for model_type={model_type!r}. Pass them explicitly, e.g. "
+                    "ABMLLConfig(target_modules=['q_proj', 'v_proj', 'o_proj']) with your model's attention projection "
+                    f"names. Known families: {', '.join(sorted(self.target_module_mapping))}."
+                )
+            peft_config.target_modules = set(self.target_module_mapping[model_type])
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: ABMLLConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, Linear):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = _create_new_module(peft_config, adapter_name, target, current_key)
+        new_module.abmll_layer_index = sum(1 for _ in self._abmll_layers())
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------------------- ABMLL verbs
+    def _abmll_layers(self, model: Optional[nn.Module] = None) -> Iterator[ABMLLLayer]:
+        return (m for m in (model or self.model).modules() if isinstance(m, ABMLLLayer))
+
+    def _adapter_names(self, adapter_name: Optional[str]) -> list[str]:
+        names = self.active_adapters if adapter_name is None else [adapter_name]
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"Unknown adapter {missing}; available: {sorted(self.peft_config)}.")
+        return names
+
+    def _sum_over_layers(self, method: str, adapter_name: Optional[str]) -> torch.Tensor:
+        total = None
+        for name in self._adapter_names(adapter_name):
+            for layer in self._abmll_layers():
+                if name in layer.abmll_global_mean_A:
+                    value = getattr(layer, method)(name)
+                    total = value if total is None else total + value.to(total.device)
+        if total is None:
+            raise ValueError(f"No ABMLL layer holds adapter {adapter_name or self.active_adapters}.")
+        return total
+
+    def kl_divergence(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """``KL(q_local || p_global)`` summed over every adapted layer (float32 scalar, differentiable)."""
+        return self._sum_over_layers("kl_divergence", adapter_name)
+
+    def log_prior(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """Log hyperprior ``log p(theta)`` of the global posterior, summed over layers (float32 scalar)."""
+        return self._sum_over_layers("log_prior", adapter_name)
+
+    def reset_local_to_global(self, adapter_name: Optional[str] = None) -> None:
+        """Copy the global pairs into the local pairs (``phi <- theta``) in every layer."""
+        for name in self._adapter_names(adapter_name):
+            for layer in self._abmll_layers():
+                if name in layer.abmll_global_mean_A:
+                    layer.reset_local_to_global(name)
+
+    def set_posterior(self, posterior: str, adapter_name: Optional[str] = None) -> None:
+        """Use the "global" or "local" posterior in forward, merge and export (recorded in the config)."""
+        for name in self._adapter_names(adapter_name):
+            for layer in self._abmll_layers():
+                if name in layer.abmll_global_mean_A:
+                    layer.set_posterior(name, posterior)
+            self.peft_config[name].posterior = posterior
+
+    def set_trainable_posterior(self, which: str, adapter_name: Optional[str] = None) -> None:
+        """Let only the "global", only the "local", "both" or "none" of the pairs receive gradients."""
+        for name in self._adapter_names(adapter_name):
+            for layer in self._abmll_layers():
+                if name in layer.abmll_global_mean_A:
+                    layer.set_trainable_posterior(name, which)
+
+    def global_parameters(self, adapter_name: Optional[str] = None) -> list[nn.Parameter]:
+        """The global-pair parameters of the adapter(s), in a fixed order."""
+        return self._pair_parameters("global", adapter_name)
+
+    def local_parameters(self, adapter_name: Optional[str] = None) -> list[nn.Parameter]:
+        """The local-pair parameters of the adapter(s), in the same order as `global_parameters`."""
+        return self._pair_parameters("local", adapter_name)
+
+    def _pair_parameters(self, posterior: str, adapter_name: Optional[str]) -> list[nn.Parameter]:
+        params = []
+        for name in self._adapter_names(adapter_name):
+            for layer in self._abmll_layers():
+                if name in layer.abmll_global_mean_A:
+                    params.extend(layer.posterior_factors(name, posterior))
+        return params
+
+    @contextlib.contextmanager
+    def posterior_sample(self, index: int) -> Iterator[None]:
+        """Within the block, eval-mode sampling (``predictive_mode='sample'``) draws seeded sample `index`."""
+        layers = list(self._abmll_layers())
+        previous = [layer.abmll_sample_index for layer in layers]
+        for layer in layers:
+            layer.abmll_sample_index = index
+        try:
+            yield
+        finally:
+            for layer, value in zip(layers, previous):
+                layer.abmll_sample_index = value
+
+
+def _create_new_module(config: ABMLLConfig, adapter_name: str, target: nn.Module, key: str) -> Linear:
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, Conv1D):
+        if not config.fan_in_fan_out:
+            warnings.warn(f"{key} is a transformers Conv1D (weight stored transposed): setting fan_in_fan_out=True.")
+            config.fan_in_fan_out = True
+    elif isinstance(base, nn.Linear):
+        if config.fan_in_fan_out:
+            warnings.warn(f"{key} is a torch.nn.Linear: setting fan_in_fan_out=False.")
+            config.fan_in_fan_out = False
+    else:
+        raise TypeError(
+            f"ABMLL cannot adapt module '{key}' of type {type(base).__module__}.{type(base).__name__}: only "
+            "torch.nn.Linear and transformers' Conv1D are supported. Remove it from target_modules (or add it to "
+            "exclude_modules)."
+        )
+    return Linear(target, adapter_name, config)
