@@ -11,4 +11,26 @@ from .tuner import ABMLLConfig, ABMLLLayer, ABMLLModel
 
 register()
 
-__all__ = ["ABMLLConfig", "ABMLLLayer", "ABMLLModel", "ABMLLPeftType", "__version__", "register"]
+from .adaptation import adapt, adaptation_scope, evaluate_tasks, predict_proba, save_adapted  # noqa: E402
+from .data import TaskEncoder, format_prompt, prepare_tasks  # noqa: E402
+from .meta import MetaTrainer, MetaTrainingArguments, NonFiniteLossError  # noqa: E402
+
+__all__ = [
+    "ABMLLConfig",
+    "ABMLLLayer",
+    "ABMLLModel",
+    "ABMLLPeftType",
+    "MetaTrainer",
+    "MetaTrainingArguments",
+    "NonFiniteLossError",
+    "TaskEncoder",
+    "__version__",
+    "adapt",
+    "adaptation_scope",
+    "evaluate_tasks",
+    "format_prompt",
+    "predict_proba",
+    "prepare_tasks",
+    "register",
+    "save_adapted",
+]

@@ -54,6 +54,7 @@ class ABMLLLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.abmll_layer_index = 0  # set by the tuner; decorrelates eval-mode samples across layers
         self.abmll_sample_index = 0  # which seeded eval-mode sample to draw (predict_proba sets it)
+        self.abmll_eval_sampling: Optional[bool] = None  # override of predictive_mode (posterior_sample sets it)
 
         in_features, out_features = _get_in_out_features(self.get_base_layer())
         if in_features is None or out_features is None:
@@ -195,9 +196,17 @@ class ABMLLLayer(BaseTunerLayer):
         mean_A, mean_B, scale_A, scale_B = self.posterior_factors(adapter_name)
         x = self.abmll_dropout[adapter_name](self._cast_input_dtype(x, mean_A.dtype))
         out = F.linear(F.linear(x, mean_A), mean_B) * self.scaling[adapter_name]
-        if self.training or self.abmll_settings[adapter_name]["predictive_mode"] == "sample":
-            out = out + self._noise(x, adapter_name, scale_A, scale_B).to(out.dtype)
+        if self._samples(adapter_name):
+            with _fp32(x.device):
+                out = out + self._noise(x, adapter_name, scale_A, scale_B).to(out.dtype)
         return out
+
+    def _samples(self, adapter_name: str) -> bool:
+        if self.training:
+            return True
+        if self.abmll_eval_sampling is not None:
+            return self.abmll_eval_sampling
+        return self.abmll_settings[adapter_name]["predictive_mode"] == "sample"
 
     def _noise(self, x: torch.Tensor, adapter_name: str, scale_A: torch.Tensor, scale_B: torch.Tensor) -> torch.Tensor:
         """The zero-mean random part ``(sigma * eps) x`` of the output, float32."""
@@ -310,8 +319,14 @@ def _kl_from_factors(local: tuple, global_: tuple, math_kwargs: dict[str, Any]) 
     return bayes.gaussian_kl(mean_q, var_q, mean_p, var_p).sum()
 
 
+def _fp32(device: torch.device) -> Any:
+    """Disable autocast: the Bayesian terms are computed in float32 whatever the model dtype."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _maybe_checkpoint(fn: Any, *tensors: torch.Tensor) -> torch.Tensor:
-    """Run `fn` under non-reentrant activation checkpointing when a gradient is needed."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return checkpoint(fn, *tensors, use_reentrant=False)
-    return fn(*tensors)
+    """Run `fn` in float32, under non-reentrant activation checkpointing when a gradient is needed."""
+    with _fp32(tensors[0].device):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return checkpoint(fn, *tensors, use_reentrant=False)
+        return fn(*tensors)

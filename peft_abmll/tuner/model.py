@@ -158,16 +158,20 @@ class ABMLLModel(BaseTuner):
 
     @contextlib.contextmanager
     def posterior_sample(self, index: int) -> Iterator[None]:
-        """Within the block, eval-mode sampling (``predictive_mode='sample'``) draws seeded sample `index`."""
+        """Within the block, eval forward passes draw the seeded posterior sample number `index`.
+
+        Deterministic: the same `index` gives the same sample (seeded by ``sample_seed``, the index and
+        the layer), different indices give independent samples. Used by `peft_abmll.predict_proba`.
+        """
         layers = list(self._abmll_layers())
-        previous = [layer.abmll_sample_index for layer in layers]
+        previous = [(layer.abmll_sample_index, layer.abmll_eval_sampling) for layer in layers]
         for layer in layers:
-            layer.abmll_sample_index = index
+            layer.abmll_sample_index, layer.abmll_eval_sampling = index, True
         try:
             yield
         finally:
-            for layer, value in zip(layers, previous):
-                layer.abmll_sample_index = value
+            for layer, (value, flag) in zip(layers, previous):
+                layer.abmll_sample_index, layer.abmll_eval_sampling = value, flag
 
 
 def _create_new_module(config: ABMLLConfig, adapter_name: str, target: nn.Module, key: str) -> Linear:

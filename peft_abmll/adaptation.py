@@ -1,0 +1,290 @@
+"""Few-shot adaptation to an unseen task, calibrated prediction, and held-out-task evaluation.
+
+    >>> adapt(model, support_examples, tokenizer=tok, steps=5)      # local <- global, 5 steps
+    >>> probs = predict_proba(model, query_examples, tokenizer=tok)  # (n, max options), rows sum to 1
+    >>> save_adapted(model, "my-task-adapter")                      # the adapted posterior as an adapter
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import TaskData, TaskEncoder, prepare_tasks
+from .meta.algorithms import SnapshotView, abmll_tuner, inner_loop, make_view
+from .metrics import classification_metrics, plot_reliability_diagram
+
+logger = logging.getLogger("peft_abmll")
+Examples = Sequence[Mapping[str, Any]]
+
+
+def _encoder(tokenizer: Any, encoder: Optional[TaskEncoder]) -> TaskEncoder:
+    if encoder is not None:
+        return encoder
+    if tokenizer is None:
+        raise ValueError("Pass `tokenizer=` (or a TaskEncoder as `encoder=`) to turn examples into tokens.")
+    return TaskEncoder(tokenizer)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def adapt(
+    model: nn.Module,
+    support: Examples,
+    *,
+    tokenizer: Any = None,
+    encoder: Optional[TaskEncoder] = None,
+    steps: int = 5,
+    batch_size: int = 2,
+    lr: float = 1e-3,
+    optimizer: str = "adamw",
+    beta: Optional[float] = None,
+    num_shots: int = 0,
+    seed: int = 0,
+    task: str = "new task",
+) -> list[dict[str, float]]:
+    """Adapt `model` to one task from its `support` examples in `steps` gradient steps.
+
+    ABMLL: the local posterior is reset to the global one, trained for `steps` steps on
+    NLL + beta * KL(local || global), and made the active posterior (so `predict_proba`, `merge` and
+    `save_pretrained` use it). Any other PeftModel: its trainable parameters are trained in place (call
+    `restore` on the returned view's snapshot via `adaptation_scope` to undo).
+
+    Batches cycle through the support examples in a seeded order, `batch_size` per step.
+
+    Returns:
+        One log dict per step (``nll``, ``loss``, ``kl``).
+    """
+    if not support:
+        raise ValueError(f"Cannot adapt to task {task!r}: no support examples given.")
+    enc = _encoder(tokenizer, encoder)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(support))
+    batches = []
+    for s in range(steps):
+        idx = [order[(s * batch_size + j) % len(support)] for j in range(batch_size)]
+        batches.append(_to(enc.batch([support[i] for i in idx], support, num_shots, rng), _device(model)))
+    view = make_view(model, beta)
+    was_training = model.training
+    model.train()
+    if abmll_tuner(model) is not None:
+        view.reset()
+    try:
+        with view.local_mode():
+            logs = inner_loop(model, view, batches, lr=lr, optimizer=optimizer, task=task)
+    finally:
+        model.train(was_training)
+    if abmll_tuner(model) is not None:
+        abmll_tuner(model).set_posterior("local")
+    return logs
+
+
+@contextlib.contextmanager
+def adaptation_scope(model: nn.Module):
+    """Undo any adaptation made inside the block (ABMLL: back to the global posterior)."""
+    tuner = abmll_tuner(model)
+    snapshot = None if tuner is not None else SnapshotView(model)
+    posterior = tuner.peft_config[tuner.active_adapters[0]].posterior if tuner is not None else None
+    try:
+        yield
+    finally:
+        if tuner is not None:
+            tuner.set_posterior(posterior)
+            tuner.set_trainable_posterior(posterior)
+            tuner.reset_local_to_global()
+        else:
+            snapshot.restore()
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module,
+    examples: Examples,
+    *,
+    tokenizer: Any = None,
+    encoder: Optional[TaskEncoder] = None,
+    num_samples: Optional[int] = None,
+    batch_size: int = 8,
+    shots: Examples = (),
+    num_shots: int = 0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Per-choice probabilities from the option letters' next-token probabilities.
+
+    The letter probabilities are renormalised over each example's valid options and averaged over
+    `num_samples` posterior samples (default: the adapter's ``num_samples`` with
+    ``predictive_mode='sample'``, else 1 deterministic mean prediction).
+
+    Returns:
+        ``(len(examples), max choices)`` float32; invalid options are 0; rows sum to 1.
+    """
+    enc = _encoder(tokenizer, encoder)
+    width = max(len(e["choices"]) for e in examples)
+    letter_ids = torch.tensor(enc.label_token_ids(width))
+    samples = _num_samples(model, num_samples)
+    was_training = model.training
+    model.eval()
+    rng = np.random.default_rng(seed)
+    probs = torch.zeros(len(examples), width)
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            encoded = [enc.encode(e, _shots(shots, num_shots, rng)) for e in chunk]
+            batch = _to(enc.collate(encoded), _device(model))
+            batch.pop("labels")
+            last = torch.tensor([e["prompt_length"] - 1 for e in encoded], device=batch["input_ids"].device)
+            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+            for i, e in enumerate(chunk):
+                mask[i, : len(e["choices"])] = True
+            probs[start:start + len(chunk)] = _letter_probs(model, batch, last, letter_ids, mask, samples)
+    finally:
+        model.train(was_training)
+    return probs
+
+
+def _shots(pool: Examples, k: int, rng: np.random.Generator) -> list:
+    if k <= 0 or not pool:
+        return []
+    return [pool[i] for i in rng.choice(len(pool), size=min(k, len(pool)), replace=False)]
+
+
+def _num_samples(model: nn.Module, num_samples: Optional[int]) -> int:
+    tuner = abmll_tuner(model)
+    if tuner is None:
+        return 1
+    config = tuner.peft_config[tuner.active_adapters[0]]
+    if num_samples is None:
+        return config.num_samples if config.predictive_mode == "sample" else 1
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    return num_samples
+
+
+def _letter_probs(model: nn.Module, batch: dict, last: torch.Tensor, letter_ids: torch.Tensor,
+                  mask: torch.Tensor, samples: int) -> torch.Tensor:
+    tuner = abmll_tuner(model)
+    sample_mode = tuner is not None and (samples > 1 or _predictive_sample(tuner))
+    total = torch.zeros(mask.shape)
+    for s in range(samples):
+        scope = tuner.posterior_sample(s) if sample_mode else contextlib.nullcontext()
+        with scope:
+            logits = model(**batch).logits
+        rows = logits[torch.arange(len(last)), last][:, letter_ids.to(logits.device)].float().cpu()
+        total += torch.softmax(rows.masked_fill(~mask, float("-inf")), dim=-1)
+    return total / samples
+
+
+def _predictive_sample(tuner: Any) -> bool:
+    return tuner.peft_config[tuner.active_adapters[0]].predictive_mode == "sample"
+
+
+def save_adapted(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Save the adapted posterior as its own adapter folder (it loads with the local posterior active)."""
+    tuner = abmll_tuner(model)
+    if tuner is None:
+        raise TypeError("save_adapted needs an ABMLL PeftModel; for other models use save_pretrained.")
+    model.save_pretrained(str(path))
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def evaluate_tasks(
+    model: nn.Module,
+    tasks: TaskData,
+    *,
+    tokenizer: Any = None,
+    encoder: Optional[TaskEncoder] = None,
+    support_batches: int = 5,
+    batch_size: int = 2,
+    lr: float = 1e-3,
+    optimizer: str = "adamw",
+    beta: Optional[float] = None,
+    num_samples: Optional[int] = None,
+    max_query: Optional[int] = None,
+    num_shots: int = 0,
+    max_choices: int = 4,
+    n_bins: int = 15,
+    seed: int = 0,
+    output_dir: Optional[Union[str, Path]] = None,
+    name: str = "model",
+) -> dict[str, Any]:
+    """Held-out-task protocol: per task adapt on `support_batches` x `batch_size` examples, predict the rest.
+
+    Every adaptation is undone before the next task. Returns per-task and macro metrics (accuracy,
+    ECE, NLL, Brier) plus ``pooled`` metrics over all query examples; with `output_dir`, also writes
+    ``<name>_results.json`` and ``<name>_reliability.png``.
+    """
+    grouped = prepare_tasks(tasks, max_choices) if not _is_grouped(tasks) else tasks
+    enc = _encoder(tokenizer, encoder)
+    per_task, all_probs, all_labels = {}, [], []
+    n_support = support_batches * batch_size
+    for t, (task, examples) in enumerate(sorted(grouped.items())):
+        if len(examples) <= n_support:
+            logger.warning("Eval task %r has %d examples, needs more than %d; skipped.", task, len(examples), n_support)
+            continue
+        order = np.random.default_rng([seed, t]).permutation(len(examples))
+        support = [examples[i] for i in order[:n_support]]
+        query = [examples[i] for i in order[n_support:]][:max_query]
+        with adaptation_scope(model):
+            if support_batches > 0:
+                adapt(model, support, encoder=enc, steps=support_batches, batch_size=batch_size, lr=lr,
+                      optimizer=optimizer, beta=beta, num_shots=num_shots, seed=seed + t, task=task)
+            probs = predict_proba(model, query, encoder=enc, num_samples=num_samples, shots=support,
+                                  num_shots=num_shots, seed=seed + t)
+        labels = torch.tensor([e["label"] for e in query])
+        per_task[task] = {**classification_metrics(probs, labels, n_bins), "n": len(query)}
+        all_probs.append(_pad(probs, max_choices))
+        all_labels.append(labels)
+    if not per_task:
+        raise ValueError("No evaluation task had enough examples for the support set plus a query example.")
+    results = _summarise(per_task, torch.cat(all_probs), torch.cat(all_labels), n_bins)
+    if output_dir is not None:
+        write_results(results, {name: (torch.cat(all_probs), torch.cat(all_labels))}, output_dir, name, n_bins)
+    return results
+
+
+def _is_grouped(tasks: Any) -> bool:
+    return isinstance(tasks, Mapping) and all(isinstance(v, list) for v in tasks.values())
+
+
+def _pad(probs: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(probs, (0, max(0, width - probs.shape[1])))
+
+
+def _summarise(per_task: dict[str, dict], probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, Any]:
+    keys = ("accuracy", "ece", "nll", "brier")
+    macro = {k: float(np.mean([m[k] for m in per_task.values()])) for k in keys}
+    return {"macro": macro, "pooled": classification_metrics(probs, labels, n_bins), "per_task": per_task,
+            "probs": probs.tolist(), "labels": labels.tolist()}
+
+
+def write_results(results: dict[str, Any], curves: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  output_dir: Union[str, Path], name: str, n_bins: int = 15) -> dict[str, Path]:
+    """Write ``<name>_results.json`` (without raw probabilities) and ``<name>_reliability.png``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slim = {k: v for k, v in results.items() if k not in ("probs", "labels")}
+    json_path = out / f"{name}_results.json"
+    json_path.write_text(json.dumps(slim, indent=2))
+    png_path = plot_reliability_diagram(curves, out / f"{name}_reliability.png", n_bins)
+    return {"json": json_path, "png": png_path}
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """A deep copy (for running a baseline without touching the original)."""
+    return copy.deepcopy(model)

@@ -1,0 +1,345 @@
+"""BIG-bench multiple-choice tasks read straight out of the ``bigbench==1.0.0`` source archive on PyPI.
+
+The 358 MB sdist is fetched once with ``pip download`` (never installed: it pulls tensorflow) into
+``<cache>/downloads``. One scan of the archive builds a JSON index (task name -> offset/size of its
+``task.json`` in the uncompressed tar, and whether it looks multiple choice); each converted task is
+then cached as a small parquet file, so later runs touch neither the index scan nor the tar.
+
+Task format (one row per example): ``task`` (str), ``question`` (str, the input without the task
+prefix), ``context`` (str, the task's ``task_prefix`` or ""), ``choices`` (list[str]), ``label`` (int,
+index of the option with the unique highest positive ``target_scores`` entry).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from .cache import atomic_write_bytes, atomic_write_text, cache_root, safe_join
+
+logger = logging.getLogger("peft_abmll")
+
+BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
+ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
+TASKS_DIR = "bigbench/benchmark_tasks/"
+TASK_NAME_RE = re.compile(r"[A-Za-z0-9_]+(?:/[A-Za-z0-9_]+)?")
+INDEX_VERSION = 1
+CONVERSION_VERSION = 1
+TASK_SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),
+        ("question", pa.string()),
+        ("context", pa.string()),
+        ("choices", pa.list_(pa.string())),
+        ("label", pa.int64()),
+    ]
+)
+_SKIP_CHUNK = 8 << 20
+
+
+# ----------------------------------------------------------------------------------------------- archive
+def bigbench_archive(install: bool = True) -> Path:
+    """Path of the cached ``bigbench-1.0.0.tar.gz`` sdist, fetching it with ``pip download`` if missing (358 MB).
+
+    Args:
+        install: allow the download; if False and the archive is not cached, raise with the command to run.
+    """
+    downloads = cache_root() / "downloads"
+    final = downloads / ARCHIVE_NAME
+    if final.is_file():
+        return final
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_REQUIREMENT]
+    if not install:
+        raise RuntimeError(
+            f"The BIG-bench archive is not cached at {final}. Fetch it (358 MB) with\n"
+            f"    {' '.join(cmd)} -d {downloads}\nor call bigbench_archive(install=True)."
+        )
+    downloads.mkdir(parents=True, exist_ok=True)
+    logger.warning("Downloading the %s sdist (358 MB) from PyPI into %s", BIGBENCH_REQUIREMENT, downloads)
+    with tempfile.TemporaryDirectory(prefix=".pip-download-", dir=downloads) as tmp:
+        subprocess.run([*cmd, "-d", tmp], check=True)
+        got = Path(tmp) / ARCHIVE_NAME
+        if not got.is_file():
+            raise RuntimeError(f"pip download did not produce {ARCHIVE_NAME} (got {sorted(os.listdir(tmp))})")
+        os.replace(got, final)
+    return final
+
+
+def validate_task_name(name: str) -> str:
+    """Return ``name`` if it is ``task`` or ``task/subtask`` (letters, digits, ``_``); else raise ValueError."""
+    if not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name):
+        raise ValueError(f"Invalid BIG-bench task name {name!r}: expected 'task' or 'task/subtask' ([A-Za-z0-9_]+).")
+    return name
+
+
+def _resolve_archive(archive: str | os.PathLike | None) -> Path:
+    return bigbench_archive() if archive is None else Path(archive)
+
+
+def _data_dir(archive: Path) -> Path:
+    """Cache folder for everything derived from ``archive`` (keyed by its file name and size)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", archive.name.removesuffix(".gz").removesuffix(".tar"))
+    return safe_join(cache_root() / "bigbench", f"{stem}-{archive.stat().st_size}")
+
+
+# ----------------------------------------------------------------------------------------------- index
+def task_index(archive: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
+    """Task name -> ``{"offset", "size", "mc", "examples"}`` for every ``task.json`` in the archive.
+
+    Built by one scan of the archive (a few seconds) and cached as JSON next to the converted tasks.
+    """
+    archive = _resolve_archive(archive)
+    path = _data_dir(archive) / "index.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("version") == INDEX_VERSION:
+            return data["tasks"]
+    tasks = _build_index(archive)
+    payload = {"version": INDEX_VERSION, "archive": archive.name, "tasks": tasks}
+    atomic_write_text(path, json.dumps(payload, indent=0, sort_keys=True))
+    return tasks
+
+
+def _build_index(archive: Path) -> dict[str, dict[str, Any]]:
+    tasks: dict[str, dict[str, Any]] = {}
+    with tarfile.open(archive, "r:*") as tar, tqdm(desc="Indexing BIG-bench tasks", unit=" task.json") as bar:
+        for member in tar:
+            name = _task_name_of(member.name)
+            if name is None or not member.isfile():
+                continue
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            tasks[name] = {
+                "offset": member.offset_data,
+                "size": member.size,
+                "mc": b'"target_scores"' in data,
+                "examples": b'"examples"' in data,
+            }
+            bar.update()
+    if not tasks:
+        raise ValueError(f"{archive} holds no {TASKS_DIR}<task>/task.json: is it the bigbench sdist?")
+    return tasks
+
+
+def _task_name_of(member_name: str) -> str | None:
+    """``task`` or ``task/subtask`` for a ``.../bigbench/benchmark_tasks/<...>/task.json`` member, else None."""
+    head, sep, rest = member_name.partition(TASKS_DIR)
+    if not sep or head.count("/") > 1 or not rest.endswith("/task.json"):
+        return None
+    name = rest.removesuffix("/task.json")
+    return name if TASK_NAME_RE.fullmatch(name) else None
+
+
+def _read_members(archive: Path, entries: Mapping[str, Mapping[str, int]]) -> dict[str, bytes]:
+    """Bytes of several members (name -> index entry) in one forward pass over the uncompressed tar."""
+    out: dict[str, bytes] = {}
+    with open(archive, "rb") as raw:
+        is_gzip = raw.read(2) == b"\x1f\x8b"
+    opener = gzip.open if is_gzip else open
+    with opener(archive, "rb") as f:
+        pos = 0
+        for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["offset"]):
+            pos += _skip(f, entry["offset"] - pos)
+            data = f.read(entry["size"])
+            pos += len(data)
+            if len(data) != entry["size"]:
+                raise ValueError(f"{archive} ended inside task {name!r}: the archive or its index is stale/corrupt.")
+            out[name] = data
+    return out
+
+
+def _skip(f: io.BufferedIOBase, n: int) -> int:
+    done = 0
+    while done < n:
+        chunk = f.read(min(_SKIP_CHUNK, n - done))
+        if not chunk:
+            break
+        done += len(chunk)
+    return done
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+def convert_task_json(name: str, task: Mapping[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """Multiple-choice examples of a parsed BIG-bench ``task.json`` as task-format rows.
+
+    Returns:
+        (rows, skipped): rows with ``task, question, context, choices, label``; ``skipped`` counts
+        examples without ``target_scores`` or without a unique positive best option.
+    """
+    prefix = str(task.get("task_prefix") or "")
+    rows, skipped = [], 0
+    for example in task.get("examples") or []:
+        scores = example.get("target_scores")
+        if not isinstance(scores, Mapping) or len(scores) < 2:
+            skipped += 1
+            continue
+        choices = [str(c) for c in scores]
+        values = [float(v) for v in scores.values()]
+        best = max(values)
+        if best <= 0 or values.count(best) != 1:
+            skipped += 1
+            continue
+        question = str(example.get("input", ""))
+        if prefix and question.startswith(prefix):
+            question = question[len(prefix) :]
+        rows.append(
+            {
+                "task": name,
+                "question": question.strip(),
+                "context": prefix.strip(),
+                "choices": choices,
+                "label": values.index(best),
+            }
+        )
+    return rows, skipped
+
+
+def _rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=TASK_SCHEMA)
+
+
+def _leaf_table(archive: Path, index: Mapping[str, Mapping[str, Any]], names: list[str]) -> dict[str, pa.Table]:
+    """Converted tables of leaf tasks ``names``: from the parquet cache, else (one tar pass for all) the archive."""
+    tasks_dir = _data_dir(archive) / f"tasks-v{CONVERSION_VERSION}"
+    paths = {n: safe_join(tasks_dir, n.replace("/", "__") + ".parquet") for n in names}
+    tables = {n: pq.read_table(p) for n, p in paths.items() if p.is_file()}
+    missing = [n for n in names if n not in tables]
+    if missing:
+        raw = _read_members(archive, {n: index[n] for n in missing})
+        for name in missing:
+            rows, skipped = convert_task_json(name, json.loads(raw[name]))
+            if skipped:
+                logger.info("BIG-bench task %r: skipped %d non-multiple-choice/ambiguous example(s).", name, skipped)
+            if not rows:
+                raise ValueError(f"BIG-bench task {name!r} has no multiple-choice example with a unique best option.")
+            table = _rows_table(rows)
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            atomic_write_bytes(paths[name], sink.getvalue().to_pybytes())
+            tables[name] = table
+    return tables
+
+
+def _leaves(name: str, index: Mapping[str, Mapping[str, Any]], archive: Path) -> list[str]:
+    """The leaf tasks making up ``name``: itself, or its multiple-choice subtasks if it has no examples."""
+    if name not in index:
+        raise ValueError(f"Unknown BIG-bench task {name!r} (not a JSON task in {archive.name}).")
+    if index[name]["examples"]:
+        leaves = [name]
+    else:
+        leaves = sorted(n for n, e in index.items() if n.startswith(name + "/") and e["examples"])
+        if not leaves:
+            raise ValueError(f"BIG-bench task {name!r} has no examples and no subtasks.")
+    leaves = [n for n in leaves if index[n]["mc"]]
+    if not leaves:
+        raise ValueError(f"BIG-bench task {name!r} is not multiple choice (its examples have no target_scores).")
+    return leaves
+
+
+def _filter_choices(name: str, table: pa.Table, max_choices: int | None) -> pa.Table:
+    if max_choices is None:
+        return table
+    keep = pc.less_equal(pc.list_value_length(table["choices"]), max_choices)
+    kept = table.filter(keep)
+    if kept.num_rows < table.num_rows:
+        dropped = table.num_rows - kept.num_rows
+        logger.warning("Task %r: dropped %d example(s) with more than %d choices.", name, dropped, max_choices)
+    return kept
+
+
+def _shuffle_choices(name: str, table: pa.Table, seed: int) -> pa.Table:
+    """Permute each row's choices (and remap its label) with an rng fixed by ``(seed, name)``."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    choices, labels = [], []
+    for options, label in zip(table["choices"].to_pylist(), table["label"].to_pylist()):
+        perm = rng.permutation(len(options)).tolist()
+        choices.append([options[i] for i in perm])
+        labels.append(perm.index(label))
+    choices_col = pa.array(choices, pa.list_(pa.string()))
+    table = table.set_column(table.schema.get_field_index("choices"), "choices", choices_col)
+    return table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+
+
+# ----------------------------------------------------------------------------------------------- public loaders
+def load_bigbench_tasks(
+    names: Iterable[str],
+    archive: str | os.PathLike | None = None,
+    max_choices: int | None = 4,
+    shuffle_choices: bool = True,
+    seed: int = 0,
+) -> dict[str, Dataset]:
+    """Several BIG-bench multiple-choice tasks (one archive pass for all uncached ones) as name -> `Dataset`.
+
+    Arguments as in `load_bigbench_task`. A task with subtasks and no examples of its own is the
+    concatenation of its multiple-choice subtasks.
+    Tasks left with no example after the ``max_choices`` filter are dropped with a warning. Raises
+    ValueError for an invalid/unknown name or a non-multiple-choice task.
+    """
+    names = [validate_task_name(n) for n in names]
+    archive = _resolve_archive(archive)
+    index = task_index(archive)
+    leaves = {name: _leaves(name, index, archive) for name in names}
+    tables = _leaf_table(archive, index, sorted({leaf for ls in leaves.values() for leaf in ls}))
+    out = {}
+    for name in names:
+        parts = [tables[leaf] for leaf in leaves[name]]
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        if len(parts) > 1:
+            table = table.set_column(0, "task", pa.array([name] * table.num_rows, pa.string()))
+        table = _filter_choices(name, table, max_choices)
+        if table.num_rows == 0:
+            logger.warning("Task %r: no example left with at most %s choices; task skipped.", name, max_choices)
+            continue
+        if shuffle_choices:
+            table = _shuffle_choices(name, table, seed)
+        out[name] = Dataset(table)
+    return out
+
+
+def load_bigbench_task(
+    name: str,
+    archive: str | os.PathLike | None = None,
+    max_choices: int | None = 4,
+    shuffle_choices: bool = True,
+    seed: int = 0,
+) -> Dataset:
+    """One BIG-bench multiple-choice task (``task`` or ``task/subtask``) in the task format.
+
+    Args:
+        name: task name, e.g. ``"snarks"`` or ``"fact_checker/fever"``.
+        archive: path to the bigbench sdist; default `bigbench_archive()` (downloads it once).
+        max_choices: drop examples with more options (logged); None keeps all.
+        shuffle_choices: permute each example's options (deterministically, from ``seed`` and the task
+            name). On by default because several tasks list the correct option first (e.g. ``physics``,
+            ``temporal_sequences``, ``question_selection``), which letter-label prompts would leak.
+        seed: seed of that permutation.
+
+    Returns:
+        Dataset with columns ``task, question, context, choices, label`` (possibly empty after filtering).
+    """
+    tasks = load_bigbench_tasks([name], archive, max_choices, shuffle_choices, seed)
+    return tasks[name] if name in tasks else Dataset(TASK_SCHEMA.empty_table())
+
+
+def list_bigbench_tasks(archive: str | os.PathLike | None = None) -> list[str]:
+    """Sorted names of the archive's multiple-choice leaf tasks (those whose examples carry ``target_scores``)."""
+    index = task_index(_resolve_archive(archive))
+    return sorted(n for n, e in index.items() if e["mc"] and e["examples"])

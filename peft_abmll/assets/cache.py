@@ -1,0 +1,127 @@
+"""The on-disk cache for real assets: its root, atomic directories/files and path-safe joins.
+
+Layout: ``cache_root()`` is ``$ABMLL_CACHE`` if set, else ``$XDG_CACHE_HOME/peft-abmll``, else
+``~/.cache/peft-abmll``. Finished directories carry a `MARKER` file; one without it is half-written and
+is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+MARKER = ".abmll-complete"
+
+
+def cache_root() -> Path:
+    """The cache root directory (not created)."""
+    if os.environ.get("ABMLL_CACHE"):
+        return Path(os.environ["ABMLL_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "peft-abmll"
+
+
+def safe_join(root: str | os.PathLike, *parts: str) -> Path:
+    """``root / parts...``, refusing any part that escapes ``root``.
+
+    Rejects empty names, ``.``/``..`` components, absolute paths, and paths that resolve outside
+    ``root`` through symlinks. Raises ``ValueError`` naming the offending part.
+    """
+    root_path = Path(root)
+    real_root = root_path.resolve()
+    path = root_path
+    for part in parts:
+        text = os.fspath(part)
+        pieces = text.replace("\\", "/").split("/")
+        if os.path.isabs(text) or text.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in pieces):
+            raise ValueError(f"Unsafe path component {text!r}: must be a relative name inside {root_path}")
+        path = path / text
+        real = path.resolve()
+        if real != real_root and real_root not in real.parents:
+            raise ValueError(f"Unsafe path component {text!r}: {path} resolves outside {root_path}")
+    return path
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a finished cache directory (has the completion marker)."""
+    return (Path(path) / MARKER).is_file()
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory atomically: yields a sibling temp dir to fill, then moves it to ``final_path``.
+
+    On success a completion marker is written and the temp dir is ``os.replace``-d into place. On an
+    exception the temp dir is deleted and ``final_path`` is untouched. A half-written ``final_path``
+    (no marker) is replaced; if another process finished ``final_path`` first, its copy wins and ours
+    is discarded. Callers should check `is_complete` first to skip the work.
+    """
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        (tmp / MARKER).write_text("ok\n")
+        _fsync_dir(tmp)
+        if is_complete(final):
+            return  # a concurrent finished copy wins
+        if final.exists() or final.is_symlink():
+            stale = final.with_name(f".{final.name}.stale-{uuid.uuid4().hex[:8]}")
+            try:
+                os.replace(final, stale)
+            except FileNotFoundError:
+                pass
+            else:
+                _remove(stale)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not is_complete(final):  # lost a race to a half-written dir: should not happen
+                raise
+        _fsync_dir(final.parent)
+    finally:
+        _remove(tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a sibling temp file + fsync + ``os.replace``."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see `atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode(encoding))

@@ -1,0 +1,267 @@
+"""Multiple-choice task data: validation, the paper's prompt, tokenisation with answer-only loss, episodes.
+
+The user-facing format is a `datasets.Dataset` (or a dict task name -> `Dataset`) with columns
+``task`` (str), ``question`` (str), ``choices`` (list of str), ``label`` (int, index of the correct
+choice) and optionally ``context`` (str).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+logger = logging.getLogger("peft_abmll")
+
+LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+INSTRUCTION = "Return the label of the correct answer for the question below."
+REQUIRED_COLUMNS = ("task", "question", "choices", "label")
+TaskData = Union[Dataset, Mapping[str, Dataset]]
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+def prepare_tasks(data: TaskData, max_choices: int = 4) -> dict[str, list[dict[str, Any]]]:
+    """Validate task-format data and group it by task.
+
+    Drops examples with more than `max_choices` choices (logging the count per task). Raises a
+    ValueError naming the task and row for a missing column, an empty task, or a missing /
+    out-of-range label.
+
+    Returns:
+        task name -> list of example dicts (``question``, ``choices``, ``label``, ``context``).
+    """
+    datasets = {None: data} if isinstance(data, Dataset) else dict(data)
+    tasks: dict[str, list[dict[str, Any]]] = {}
+    for key, dataset in datasets.items():
+        missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names and not (c == "task" and key)]
+        if missing:
+            raise ValueError(
+                f"Task data {key or ''} lacks the column(s) {missing}; expected columns {list(REQUIRED_COLUMNS)} "
+                "(+ optional 'context')."
+            )
+        if len(dataset) == 0:
+            raise ValueError(f"Task {key!r} is empty: give it examples or leave it out.")
+        for row, example in enumerate(dataset):
+            name = str(example.get("task") or key)
+            tasks.setdefault(name, []).append(_checked_example(example, name, row))
+    return _drop_long_choices(tasks, max_choices)
+
+
+def _checked_example(example: Mapping[str, Any], task: str, row: int) -> dict[str, Any]:
+    choices = list(example["choices"] or [])
+    label = example["label"]
+    if len(choices) < 2:
+        raise ValueError(f"Task {task!r}, row {row}: needs at least 2 choices, got {choices!r}.")
+    if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+        raise ValueError(f"Task {task!r}, row {row}: label must be the integer index of the correct choice, got {label!r}.")
+    if not 0 <= int(label) < len(choices):
+        raise ValueError(f"Task {task!r}, row {row}: label {label} is out of range for {len(choices)} choices.")
+    return {
+        "question": str(example["question"]),
+        "choices": [str(c) for c in choices],
+        "label": int(label),
+        "context": str(example.get("context") or ""),
+    }
+
+
+def _drop_long_choices(tasks: dict[str, list[dict]], max_choices: int) -> dict[str, list[dict]]:
+    kept = {}
+    for name, examples in tasks.items():
+        short = [e for e in examples if len(e["choices"]) <= max_choices]
+        if len(short) < len(examples):
+            logger.warning("Task %r: dropped %d example(s) with more than %d choices.", name,
+                           len(examples) - len(short), max_choices)
+        if short:
+            kept[name] = short
+        else:
+            logger.warning("Task %r: no example left with at most %d choices; task skipped.", name, max_choices)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def format_question(example: Mapping[str, Any]) -> str:
+    """The question block: optional context, ``Question: ...``, ``Choices:`` and ``A) ...`` lines."""
+    lines = [example["context"]] if example.get("context") else []
+    lines += [f"Question: {example['question']}", "Choices:"]
+    lines += [f"{LABELS[i]}) {choice}" for i, choice in enumerate(example["choices"])]
+    return "\n".join(lines)
+
+
+def format_answer(example: Mapping[str, Any]) -> str:
+    """The target text, e.g. ``"B)"``."""
+    return f"{LABELS[example['label']]})"
+
+
+def format_prompt(example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The paper's prompt, with solved in-context examples (`shots`) from the same task in front."""
+    blocks = [INSTRUCTION]
+    blocks += [f"{format_question(s)}\nAnswer: {format_answer(s)}" for s in shots]
+    blocks.append(f"{format_question(example)}\nAnswer:")
+    return "\n\n".join(blocks)
+
+
+@dataclass
+class TaskEncoder:
+    """Turns examples into token ids with the loss on the answer tokens only.
+
+    Args:
+        tokenizer: a transformers tokenizer (the Trainer's `processing_class`).
+        max_length: longest sequence; the prompt is cut from the left (in-context examples and
+            context go first), the answer never.
+        use_chat_template: wrap the prompt as a user turn; ``None`` = when the tokenizer has one.
+    """
+
+    tokenizer: Any
+    max_length: int = 512
+    use_chat_template: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.use_chat_template is None:
+            self.use_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if self.tokenizer.pad_token_id is None:
+            fallback = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+            logger.warning("Tokenizer has no pad token; padding with token id %d (masked out of the loss).", fallback)
+            self.pad_token_id = fallback
+        else:
+            self.pad_token_id = self.tokenizer.pad_token_id
+
+    def prompt_ids(self, example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = ()) -> list[int]:
+        text = format_prompt(example, shots)
+        if self.use_chat_template:
+            return list(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+            ))
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def answer_ids(self, example: Mapping[str, Any]) -> list[int]:
+        text = format_answer(example) if self.use_chat_template else " " + format_answer(example)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def label_token_ids(self, num_choices: int) -> list[int]:
+        """Token id of each option letter as the first answer token (what scoring reads)."""
+        ids = [self.answer_ids({"label": i})[0] for i in range(num_choices)]
+        if len(set(ids)) != num_choices:
+            raise ValueError("The tokenizer maps two option labels to the same first token; use option scoring.")
+        return ids
+
+    def encode(self, example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = ()) -> dict[str, list[int]]:
+        """``input_ids`` and ``labels`` (-100 on the prompt), plus ``prompt_length``."""
+        answer = self.answer_ids(example)
+        prompt = self.prompt_ids(example, shots)
+        budget = self.max_length - len(answer)
+        while shots and len(prompt) > budget:
+            shots = shots[1:]
+            prompt = self.prompt_ids(example, shots)
+        if budget < 1:
+            raise ValueError(f"max_length={self.max_length} leaves no room for a prompt before the answer.")
+        prompt = prompt[-budget:]
+        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer, "prompt_length": len(prompt)}
+
+    def collate(self, encoded: Sequence[Mapping[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """Right-pad a list of `encode` outputs into a batch of tensors."""
+        width = max(len(e["input_ids"]) for e in encoded)
+        ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def batch(self, examples: Sequence[Mapping[str, Any]], pool: Sequence[Mapping[str, Any]] = (),
+              num_shots: int = 0, rng: Optional[np.random.Generator] = None) -> dict[str, torch.Tensor]:
+        """Encode and collate `examples`, each with `num_shots` solved examples drawn from `pool`."""
+        rng = rng or np.random.default_rng(0)
+        encoded = [self.encode(e, _draw_shots(pool, e, num_shots, rng)) for e in examples]
+        return self.collate(encoded)
+
+
+def _draw_shots(pool: Sequence[Mapping], example: Mapping, k: int, rng: np.random.Generator) -> list[Mapping]:
+    candidates = [p for p in pool if p is not example]
+    if k <= 0 or not candidates:
+        return []
+    picks = rng.choice(len(candidates), size=min(k, len(candidates)), replace=False)
+    return [candidates[i] for i in picks]
+
+
+# ----------------------------------------------------------------------------------------------- episodes
+class EpisodeSampler(torch.utils.data.Sampler[int]):
+    """Yields one episode code per task per epoch, tasks shuffled per epoch (seeded).
+
+    The code ``epoch * num_tasks + task`` makes each episode a pure function of (seed, epoch, task),
+    so resumed and distributed runs see exactly the same episodes.
+    """
+
+    def __init__(self, num_tasks: int, seed: int = 0) -> None:
+        self.num_tasks = num_tasks
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_tasks
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_tasks)
+        return iter(int(self.epoch * self.num_tasks + t) for t in order)
+
+
+class EpisodeDataset(torch.utils.data.Dataset):
+    """Episodes of a task family: per task, K support batches (+ Q query batches) of distinct examples.
+
+    Tasks with fewer examples than one episode needs are skipped with a warning.
+
+    Args:
+        tasks: output of `prepare_tasks`.
+        encoder: the `TaskEncoder`.
+        support_batches / query_batches / batch_size: K, Q and the batch size (paper: 5, 0, 2).
+        num_shots: solved in-context examples in front of every prompt (drawn from the same task).
+        seed: base seed of the example draws.
+    """
+
+    def __init__(self, tasks: Mapping[str, list[dict]], encoder: TaskEncoder, support_batches: int = 5,
+                 query_batches: int = 0, batch_size: int = 2, num_shots: int = 0, seed: int = 0) -> None:
+        self.encoder = encoder
+        self.support_batches, self.query_batches, self.batch_size = support_batches, query_batches, batch_size
+        self.num_shots, self.seed = num_shots, seed
+        need = (support_batches + query_batches) * batch_size
+        self.tasks = {n: ex for n, ex in tasks.items() if len(ex) >= need}
+        for name in sorted(set(tasks) - set(self.tasks)):
+            logger.warning("Task %r has %d examples but an episode needs %d; skipped.", name, len(tasks[name]), need)
+        if not self.tasks:
+            raise ValueError(f"No task has the {need} examples an episode needs "
+                             f"(({support_batches} support + {query_batches} query batches) x batch {batch_size}).")
+        self.names = sorted(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, code: int) -> dict[str, Any]:
+        epoch, index = divmod(int(code), len(self.names))
+        name = self.names[index]
+        examples = self.tasks[name]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        picks = rng.choice(len(examples), size=(self.support_batches + self.query_batches) * self.batch_size,
+                           replace=False)
+        batches = [
+            self.encoder.batch([examples[i] for i in picks[b * self.batch_size:(b + 1) * self.batch_size]],
+                               examples, self.num_shots, rng)
+            for b in range(self.support_batches + self.query_batches)
+        ]
+        return {"task": name, "support": batches[: self.support_batches], "query": batches[self.support_batches:]}
+
+
+def unwrap_episode(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """DataLoader collate for batch size 1: the episode itself."""
+    if len(items) != 1:
+        raise ValueError(f"Episodes are loaded one at a time, got a batch of {len(items)}.")
+    return items[0]

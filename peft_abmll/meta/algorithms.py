@@ -1,0 +1,272 @@
+"""Meta-learning verbs around small pure update functions (learn2learn style).
+
+A *view* tells which parameters are the global (meta-learned) ones and which the local (per-task)
+ones, how to ``reset`` local from global, and what the global update objective is:
+
+- `ABMLLView`: the ABMLL adapter's global / local pairs; outer objective
+  ``beta * KL(q_local || p_global) - beta * log p(global)``.
+- `ReptileView`: plain PEFT LoRA with two adapters, ``"meta"`` (global, inactive) and the active one
+  (local); outer "gradient" ``global - local`` so that an SGD step with rate eps is Reptile's
+  interpolation ``global += eps * (local - global)``.
+- `SnapshotView`: any other PeftModel (regular LoRA, a fresh adapter on a pretrained model): adapt
+  the trainable adapter parameters and restore them afterwards.
+
+`inner_loop` runs the K local steps with first-order gradients only (`torch.autograd.grad`, no graph
+kept between steps), so memory does not grow with the number of steps or tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from ..tuner.model import ABMLLModel
+
+__all__ = [
+    "ABMLLView",
+    "NonFiniteLossError",
+    "ReptileView",
+    "SnapshotView",
+    "inner_loop",
+    "linear_surrogate",
+    "make_view",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message names the step and the task."""
+
+
+def abmll_tuner(model: nn.Module) -> Optional[ABMLLModel]:
+    """The `ABMLLModel` inside a (possibly wrapped) PeftModel, or None."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, ABMLLModel) else None
+
+
+class ABMLLView:
+    """Global / local pairs of an ABMLL adapter."""
+
+    def __init__(self, model: PeftModel, beta: Optional[float] = None) -> None:
+        self.model = model
+        self.tuner = abmll_tuner(model)
+        if self.tuner is None:
+            raise TypeError("ABMLLView needs a PeftModel with an ABMLL adapter (get_peft_model(..., ABMLLConfig())).")
+        config = self.tuner.peft_config[self.tuner.active_adapters[0]]
+        self.beta = config.beta if beta is None else beta
+
+    def global_params(self) -> list[nn.Parameter]:
+        return self.tuner.global_parameters()
+
+    def local_params(self) -> list[nn.Parameter]:
+        return self.tuner.local_parameters()
+
+    def reset(self) -> None:
+        self.tuner.reset_local_to_global()
+
+    @contextlib.contextmanager
+    def local_mode(self) -> Iterator[None]:
+        """Forward uses (and training moves) only the local posterior inside the block."""
+        previous = self.tuner.peft_config[self.tuner.active_adapters[0]].posterior
+        self.tuner.set_posterior("local")
+        self.tuner.set_trainable_posterior("local")
+        try:
+            yield
+        finally:
+            self.tuner.set_posterior(previous)
+            self.tuner.set_trainable_posterior(previous)
+
+    def inner_regularizer(self) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.beta == 0:
+            return torch.zeros(()), {}
+        kl = self.tuner.kl_divergence()
+        return self.beta * kl, {"kl": kl.item()}
+
+    def outer_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        self.tuner.set_trainable_posterior("global")
+        kl = self.tuner.kl_divergence()
+        log_prior = self.tuner.log_prior()
+        return self.beta * (kl - log_prior), {"outer_kl": kl.item(), "log_prior": log_prior.item()}
+
+
+class ReptileView:
+    """Reptile on plain PEFT LoRA: adapter ``meta_adapter`` holds the global weights, the active one the local."""
+
+    def __init__(self, model: PeftModel, meta_adapter: str = "meta") -> None:
+        self.model = model
+        self.local_adapter = model.active_adapter
+        self.meta_adapter = meta_adapter
+        if meta_adapter not in model.peft_config:
+            model.add_adapter(meta_adapter, model.peft_config[self.local_adapter])
+            model.set_adapter(self.local_adapter)
+            _copy_(self._params(meta_adapter), self._params(self.local_adapter))
+        self.beta = 0.0
+
+    def _params(self, adapter: str) -> list[nn.Parameter]:
+        named = [(n.replace(f".{adapter}.", ".").removesuffix(f".{adapter}"), p)
+                 for n, p in self.model.named_parameters() if f".{adapter}." in n or n.endswith(f".{adapter}")]
+        return [p for _, p in sorted(named, key=lambda item: item[0])]
+
+    def global_params(self) -> list[nn.Parameter]:
+        return self._params(self.meta_adapter)
+
+    def local_params(self) -> list[nn.Parameter]:
+        return self._params(self.local_adapter)
+
+    def reset(self) -> None:
+        _copy_(self.local_params(), self.global_params())
+
+    @contextlib.contextmanager
+    def local_mode(self) -> Iterator[None]:
+        _set_requires_grad(self.global_params(), False)
+        _set_requires_grad(self.local_params(), True)
+        try:
+            yield
+        finally:
+            _set_requires_grad(self.local_params(), False)
+            _set_requires_grad(self.global_params(), True)
+
+    def inner_regularizer(self) -> tuple[torch.Tensor, dict[str, float]]:
+        return torch.zeros(()), {}
+
+    def outer_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        direction = [(g - l).detach() for g, l in zip(self.global_params(), self.local_params())]
+        distance = math.sqrt(sum(d.float().square().sum().item() for d in direction))
+        return linear_surrogate(self.global_params(), direction), {"reptile_distance": distance}
+
+
+class SnapshotView:
+    """Adapt the trainable parameters of any model, restoring them on `restore()` (no global copy)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("The model has no trainable parameter to adapt; add an adapter first.")
+        self.snapshot = [p.detach().clone() for p in self.params]
+        self.beta = 0.0
+
+    def global_params(self) -> list[nn.Parameter]:
+        return []
+
+    def local_params(self) -> list[nn.Parameter]:
+        return self.params
+
+    def reset(self) -> None:
+        _copy_(self.params, self.snapshot)
+
+    restore = reset
+
+    @contextlib.contextmanager
+    def local_mode(self) -> Iterator[None]:
+        yield
+
+    def inner_regularizer(self) -> tuple[torch.Tensor, dict[str, float]]:
+        return torch.zeros(()), {}
+
+
+def make_view(model: nn.Module, beta: Optional[float] = None) -> Any:
+    """`ABMLLView` for an ABMLL model, `ReptileView` if a "meta" LoRA adapter exists, else `SnapshotView`."""
+    if abmll_tuner(model) is not None:
+        return ABMLLView(model, beta)
+    if isinstance(model, PeftModel) and "meta" in model.peft_config:
+        return ReptileView(model)
+    return SnapshotView(model)
+
+
+# ------------------------------------------------------------------------------------------- pure pieces
+def linear_surrogate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A scalar whose gradient w.r.t. ``params[i]`` is exactly ``grads[i]`` (``sum <g, p>``, g detached).
+
+    Lets a precomputed update direction flow through the Trainer's own backward, so gradient
+    accumulation, mixed precision and distributed reduction treat it like any loss.
+    """
+    total = torch.zeros((), device=params[0].device if params else "cpu")
+    for p, g in zip(params, grads):
+        total = total + (p * g.detach().to(p.dtype)).sum()
+    return total
+
+
+def make_inner_optimizer(params: Sequence[nn.Parameter], name: str, lr: float,
+                         weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """A fresh optimizer for one inner loop (state is per task and dropped afterwards)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"Unknown inner optimizer {name!r}; choose 'adamw' or 'sgd'.")
+
+
+def inner_loop(
+    model: nn.Module,
+    view: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    *,
+    lr: float,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    task: str = "?",
+    step_label: str = "",
+) -> list[dict[str, float]]:
+    """K first-order steps on ``view.local_params()``: one optimizer step per batch on NLL + beta * KL.
+
+    Must run inside ``view.local_mode()``. Returns one log dict (``nll``, ``kl``, ``loss``) per step.
+    Raises `NonFiniteLossError` naming the step and `task` on a NaN / infinite loss.
+    """
+    params = view.local_params()
+    opt = make_inner_optimizer(params, optimizer, lr, weight_decay)
+    logs = []
+    for k, batch in enumerate(batches):
+        with autocast():
+            nll = model(**batch).loss
+        reg, reg_logs = view.inner_regularizer()
+        loss = nll.float() + reg.to(nll.device)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"Non-finite inner loss {loss.item()} {step_label}at inner step {k + 1} on task {task!r} "
+                f"(nll={nll.item()}, {reg_logs}). Lower the learning rates, raise init_std/scale_floor, or check the "
+                "data of this task."
+            )
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        opt.step()
+        for p in params:
+            p.grad = None
+        logs.append({"nll": nll.item(), "loss": loss.item(), **reg_logs})
+    return logs
+
+
+def query_gradients(model: nn.Module, view: Any, batches: Sequence[dict[str, torch.Tensor]],
+                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                    ) -> tuple[list[torch.Tensor], float]:
+    """First-order meta-gradient: mean query-batch NLL gradient at the adapted local parameters."""
+    params = view.local_params()
+    total = [torch.zeros_like(p) for p in params]
+    nll_sum = 0.0
+    for batch in batches:
+        with autocast():
+            nll = model(**batch).loss
+        grads = torch.autograd.grad(nll, params, allow_unused=True)
+        for acc, g in zip(total, grads):
+            if g is not None:
+                acc.add_(g, alpha=1.0 / len(batches))
+        nll_sum += nll.item()
+    return total, nll_sum / max(len(batches), 1)
+
+
+def _copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+def _set_requires_grad(params: Sequence[nn.Parameter], flag: bool) -> None:
+    for p in params:
+        p.requires_grad_(flag)

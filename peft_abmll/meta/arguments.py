@@ -1,0 +1,99 @@
+"""`MetaTrainingArguments`: transformers' `TrainingArguments` plus the meta-learning knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from transformers import TrainingArguments
+
+META_ALGORITHMS = ("abmll", "reptile")
+INNER_OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class MetaTrainingArguments(TrainingArguments):
+    """Arguments of `MetaTrainer`.
+
+    One *training step* of the Trainer is one task's episode: ``inner_steps`` local steps on support
+    batches of ``inner_batch_size`` examples, then one contribution to the global update. Use
+    ``gradient_accumulation_steps`` for several tasks per global update. ``learning_rate`` is the
+    global (outer) learning rate; for Reptile it is the interpolation step ``eps``.
+    """
+
+    meta_algorithm: Literal["abmll", "reptile"] = field(
+        default="abmll",
+        metadata={"help": "'abmll' (Bayesian, needs an ABMLL adapter) or 'reptile' (plain LoRA; see baselines)."},
+    )
+    inner_steps: int = field(default=5, metadata={"help": "Local gradient steps per task (K; paper: 5)."})
+    inner_batch_size: int = field(default=2, metadata={"help": "Examples per inner step (paper: 2)."})
+    inner_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the inner (local) steps."})
+    inner_optimizer: Literal["adamw", "sgd"] = field(
+        default="adamw", metadata={"help": "Optimizer of the inner steps, fresh for every task ('adamw' or 'sgd')."}
+    )
+    inner_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the inner optimizer."})
+    beta: Optional[float] = field(
+        default=None, metadata={"help": "Override the adapter config's beta (KL / hyperprior weight)."}
+    )
+    query_batches: int = field(
+        default=0, metadata={"help": "Extra batches per task for the first-order meta-gradient (0 = none)."}
+    )
+    first_order: bool = field(
+        default=False,
+        metadata={
+            "help": "Add the query-batch NLL gradient at the adapted local posterior to the global update "
+            "(first-order MAML term; needs query_batches >= 1). Off = the paper's update (KL and prior only)."
+        },
+    )
+    num_shots: int = field(
+        default=0, metadata={"help": "Solved in-context examples from the same task in front of each prompt."}
+    )
+    max_length: int = field(default=512, metadata={"help": "Maximum tokens per example (the answer is never cut)."})
+    max_choices: int = field(default=4, metadata={"help": "Examples with more options are dropped (paper: 4)."})
+    adaptation_steps: int = field(
+        default=5, metadata={"help": "Test-time adaptation steps on an unseen task (5 support batches)."}
+    )
+    adaptation_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Test-time adaptation learning rate (default: inner_learning_rate)."}
+    )
+    eval_num_samples: Optional[int] = field(
+        default=None, metadata={"help": "Posterior samples averaged at evaluation (default: the adapter's setting)."}
+    )
+    eval_max_query: Optional[int] = field(
+        default=None, metadata={"help": "Cap on query examples per evaluation task (None = all the rest)."}
+    )
+    ece_bins: int = field(default=15, metadata={"help": "Equal-width bins of the expected calibration error."})
+
+    def __post_init__(self) -> None:
+        self.remove_unused_columns = False
+        if self.gradient_checkpointing:
+            # reentrant checkpointing silently yields None gradients for autograd.grad-driven inner loops
+            kwargs = dict(self.gradient_checkpointing_kwargs or {})
+            if kwargs.get("use_reentrant", False):
+                raise ValueError("MetaTrainer needs gradient_checkpointing_kwargs={'use_reentrant': False}: reentrant "
+                                 "checkpointing gives the inner loop no gradients.")
+            self.gradient_checkpointing_kwargs = {**kwargs, "use_reentrant": False}
+        super().__post_init__()
+        self._validate_meta()
+
+    @property
+    def test_learning_rate(self) -> float:
+        return self.inner_learning_rate if self.adaptation_learning_rate is None else self.adaptation_learning_rate
+
+    def _validate_meta(self) -> None:
+        if self.meta_algorithm not in META_ALGORITHMS:
+            raise ValueError(f"meta_algorithm={self.meta_algorithm!r}; choose one of {META_ALGORITHMS}.")
+        if self.inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"inner_optimizer={self.inner_optimizer!r}; choose one of {INNER_OPTIMIZERS}.")
+        for name in ("inner_steps", "inner_batch_size", "max_length", "max_choices", "ece_bins"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        for name in ("query_batches", "num_shots", "adaptation_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+        if self.inner_learning_rate <= 0 or self.test_learning_rate <= 0:
+            raise ValueError("inner_learning_rate and adaptation_learning_rate must be > 0.")
+        if self.beta is not None and self.beta < 0:
+            raise ValueError(f"beta={self.beta} must be >= 0.")
+        if self.first_order and self.query_batches < 1:
+            raise ValueError("first_order=True needs query_batches >= 1 (the batches whose NLL gradient is used).")

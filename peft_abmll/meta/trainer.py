@@ -1,0 +1,217 @@
+"""`MetaTrainer`: transformers' `Trainer` with ABMLL's per-task inner loop and global update.
+
+One Trainer step = one task episode::
+
+    local <- global                                          (reset)
+    K inner steps on the local pairs: NLL + beta * KL         (own fresh optimizer, global frozen)
+    global update through the Trainer's optimizer:
+        beta * KL(q_local || p_global) - beta * log p(global) (+ first-order query NLL gradient)
+
+Everything else is the Trainer's: progress bars, callbacks, logging, gradient accumulation (tasks
+per global update), mixed precision, checkpointing and exact resume, `save_model`, `push_to_hub`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer
+
+from ..data import EpisodeDataset, EpisodeSampler, TaskEncoder, prepare_tasks, unwrap_episode
+from .algorithms import ABMLLView, NonFiniteLossError, ReptileView, inner_loop, linear_surrogate, query_gradients
+from .arguments import MetaTrainingArguments
+
+OUTER_KEY = "__abmll_outer_step__"
+
+
+class TaskCollection:
+    """Held-out tasks for `MetaTrainer.evaluate`: task name -> list of examples."""
+
+    def __init__(self, tasks: Mapping[str, list[dict]]) -> None:
+        self.tasks = dict(tasks)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.tasks.values())
+
+
+class MetaTrainer(Trainer):
+    """Meta-trains an ABMLL adapter (or Reptile on LoRA) on a multi-task dataset.
+
+    Args:
+        model: a PeftModel with an ABMLL adapter (or a LoRA adapter for ``meta_algorithm="reptile"``).
+        args: `MetaTrainingArguments`.
+        train_dataset / eval_dataset: task-format data (a `datasets.Dataset` with columns ``task``,
+            ``question``, ``choices``, ``label`` [, ``context``], or a dict task name -> Dataset).
+            Evaluation uses held-out tasks: adapt on support batches, predict the rest.
+        processing_class: the tokenizer.
+        **kwargs: anything else `Trainer` takes (callbacks, optimizers, ...).
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: nn.Module, args: MetaTrainingArguments, train_dataset: Any = None,
+                 eval_dataset: Any = None, processing_class: Any = None, **kwargs: Any) -> None:
+        if not isinstance(args, MetaTrainingArguments):
+            raise TypeError("MetaTrainer needs MetaTrainingArguments (a TrainingArguments subclass) as `args`.")
+        if processing_class is None:
+            raise ValueError("MetaTrainer needs the tokenizer as `processing_class=` to encode the tasks.")
+        self.encoder = TaskEncoder(processing_class, max_length=args.max_length)
+        episodes = None
+        if train_dataset is not None:
+            tasks = prepare_tasks(train_dataset, args.max_choices)
+            episodes = EpisodeDataset(tasks, self.encoder, args.inner_steps, args.query_batches,
+                                      args.inner_batch_size, args.num_shots, seed=_data_seed(args))
+        held_out = None if eval_dataset is None else TaskCollection(prepare_tasks(eval_dataset, args.max_choices))
+        kwargs.setdefault("data_collator", unwrap_episode)
+        super().__init__(model=model, args=args, train_dataset=episodes, eval_dataset=held_out,
+                         processing_class=processing_class, **kwargs)
+        self.view = self._make_view()
+        self._meta_logs: dict[str, list[float]] = defaultdict(list)
+        self._pending_query_grads: Optional[list[torch.Tensor]] = None
+        self._current_task = "?"
+
+    def _make_view(self) -> Any:
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.meta_algorithm == "reptile":
+            return ReptileView(model)
+        return ABMLLView(model, beta=self.args.beta)
+
+    # --------------------------------------------------------------------------------- data
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return EpisodeSampler(len(dataset), seed=_data_seed(self.args))
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("MetaTrainer: training requires a train_dataset of tasks.")
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=1, sampler=self._get_train_sampler(), collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        return self.accelerator.prepare(loader)
+
+    # --------------------------------------------------------------------------------- optimisation
+    def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer over the *global* parameters (Reptile: SGD = interpolation)."""
+        _only_trainable(self.accelerator.unwrap_model(self.model), self.view.global_params())
+        if self.optimizer is None and self.args.meta_algorithm == "reptile":
+            self.optimizer = torch.optim.SGD(self.view.global_params(), lr=self.args.learning_rate)
+            return self.optimizer
+        return super().create_optimizer(model)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: Optional[Any] = None) -> torch.Tensor:
+        """One task: reset, K inner steps on the local pairs, then the outer loss through the Trainer."""
+        task = inputs["task"]
+        self._current_task = task
+        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped.train()
+        self.view.reset()
+        with self.view.local_mode():
+            logs = inner_loop(
+                unwrapped, self.view, [self._prepare_inputs(b) for b in inputs["support"]],
+                lr=self.args.inner_learning_rate, optimizer=self.args.inner_optimizer,
+                weight_decay=self.args.inner_weight_decay, autocast=self.compute_loss_context_manager,
+                task=task, step_label=f"at global step {self.state.global_step} ",
+            )
+            if self.args.first_order:
+                queries = [self._prepare_inputs(b) for b in inputs["query"]]
+                self._pending_query_grads, query_nll = query_gradients(unwrapped, self.view, queries,
+                                                                       self.compute_loss_context_manager)
+                self._meta_logs["query_nll"].append(query_nll)
+        for key in ("nll", "kl"):
+            if key in logs[-1]:
+                self._meta_logs[key].append(float(np.mean([step[key] for step in logs])))
+        outer = super().training_step(model, {OUTER_KEY: torch.zeros(1)}, num_items_in_batch)
+        self._average_global_grads_across_processes()
+        nll = self._meta_logs["nll"][-1]
+        return outer + nll / self.current_gradient_accumulation_steps
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Optional[Any] = None) -> Any:
+        if OUTER_KEY not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, logs = self.view.outer_loss()
+        if self._pending_query_grads is not None:
+            loss = loss + linear_surrogate(self.view.global_params(), self._pending_query_grads)
+            self._pending_query_grads = None
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"Non-finite global-update loss {loss.item()} at global step {self.state.global_step} on task "
+                f"{self._current_task!r} ({logs}). The last saved checkpoint is intact; lower learning_rate or beta, "
+                "or raise init_std / scale_floor, and resume from it."
+            )
+        for key, value in logs.items():
+            self._meta_logs[key].append(value)
+        return (loss, None) if return_outputs else loss
+
+    def _average_global_grads_across_processes(self) -> None:
+        """The global update is the mean over processes (each process adapts its own tasks)."""
+        if self.accelerator.num_processes == 1 or not self.accelerator.sync_gradients:
+            return
+        for p in self.view.global_params():
+            if p.grad is not None:
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
+    # --------------------------------------------------------------------------------- logging / saving
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._meta_logs:
+            logs = {**logs, **{k: float(np.mean(v)) for k, v in self._meta_logs.items() if v}}
+            self._meta_logs.clear()
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """Save with local == global, so the adapter on disk is the meta-learned one."""
+        self.view.reset()
+        super()._save(output_dir, state_dict)
+
+    # --------------------------------------------------------------------------------- evaluation
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Optional[list[str]] = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Held-out-task evaluation: per task adapt on support batches, predict the rest.
+
+        Logs macro accuracy / ECE / NLL / Brier as ``{prefix}_accuracy`` etc., and writes the JSON and
+        the reliability diagram into ``args.output_dir`` on the main process.
+        """
+        from ..adaptation import evaluate_tasks  # adaptation imports meta.algorithms: import late
+
+        tasks = self.eval_dataset if eval_dataset is None else eval_dataset
+        if tasks is None:
+            raise ValueError("MetaTrainer.evaluate needs held-out tasks (eval_dataset).")
+        if not isinstance(tasks, TaskCollection):
+            tasks = TaskCollection(prepare_tasks(tasks, self.args.max_choices))
+        model = self.accelerator.unwrap_model(self.model)
+        self.view.reset()
+        results = evaluate_tasks(
+            model, tasks.tasks, encoder=self.encoder, support_batches=self.args.adaptation_steps,
+            batch_size=self.args.inner_batch_size, lr=self.args.test_learning_rate,
+            optimizer=self.args.inner_optimizer, beta=self.args.beta, num_samples=self.args.eval_num_samples,
+            max_query=self.args.eval_max_query, num_shots=self.args.num_shots, n_bins=self.args.ece_bins,
+            seed=self.args.seed, output_dir=self.args.output_dir if self.is_world_process_zero() else None,
+            name=f"{metric_key_prefix}_step{self.state.global_step}",
+        )
+        self.view.reset()
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in results["macro"].items()}
+        metrics.update({f"{metric_key_prefix}_pooled_{k}": v for k, v in results["pooled"].items()})
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def _data_seed(args: MetaTrainingArguments) -> int:
+    return args.data_seed if args.data_seed is not None else args.seed
+
+
+def _only_trainable(model: nn.Module, params: list[nn.Parameter]) -> None:
+    """Leave exactly `params` (plus modules_to_save) trainable before the optimizer is built."""
+    keep = {id(p) for p in params}
+    for name, p in model.named_parameters():
+        if id(p) in keep:
+            p.requires_grad_(True)
+        elif p.requires_grad and "modules_to_save" not in name:
+            p.requires_grad_(False)

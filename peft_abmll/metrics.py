@@ -1,0 +1,91 @@
+"""Classification metrics for probabilistic predictions: accuracy, ECE, NLL, Brier, reliability diagrams.
+
+All take ``probs: (n, C)`` (rows sum to 1; invalid options hold 0) and ``labels: (n,)`` integer tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import torch
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose most probable option is the label."""
+    return (probs.argmax(dim=-1) == labels).float().mean().item()
+
+
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, torch.Tensor]:
+    """Top-label confidence binned into `n_bins` equal-width bins on (0, 1].
+
+    Returns:
+        ``count``, ``confidence`` (mean per bin) and ``accuracy`` (per bin), each ``(n_bins,)``.
+    """
+    confidence, predicted = probs.float().max(dim=-1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, n_bins + 1, device=probs.device)
+    index = torch.bucketize(confidence, edges[1:-1], right=False).clamp(0, n_bins - 1)
+    count = torch.zeros(n_bins, device=probs.device).index_add_(0, index, torch.ones_like(confidence))
+    conf_sum = torch.zeros(n_bins, device=probs.device).index_add_(0, index, confidence)
+    acc_sum = torch.zeros(n_bins, device=probs.device).index_add_(0, index, correct)
+    safe = count.clamp_min(1)
+    return {"count": count, "confidence": conf_sum / safe, "accuracy": acc_sum / safe}
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE (L1) of the top-label confidence, equal-width bins (as torchmetrics' `CalibrationError`)."""
+    bins = calibration_bins(probs, labels, n_bins)
+    weights = bins["count"] / bins["count"].sum()
+    return (weights * (bins["confidence"] - bins["accuracy"]).abs()).sum().item()
+
+
+def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean ``-log p(label)``, with probabilities clamped at 1e-12."""
+    return -probs.float().gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
+
+
+def brier_score(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean squared distance between the probabilities and the one-hot label."""
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).float()
+    return (probs.float() - onehot).square().sum(dim=-1).mean().item()
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, float]:
+    """accuracy, ece, nll and brier in one dict."""
+    return {
+        "accuracy": accuracy(probs, labels),
+        "ece": expected_calibration_error(probs, labels, n_bins),
+        "nll": negative_log_likelihood(probs, labels),
+        "brier": brier_score(probs, labels),
+    }
+
+
+def plot_reliability_diagram(
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Union[str, Path], n_bins: int = 15
+) -> Path:
+    """Write a reliability diagram (accuracy vs confidence per bin, one line per method) as PNG.
+
+    Args:
+        results: method name -> ``(probs, labels)``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    for name, (probs, labels) in results.items():
+        bins = calibration_bins(probs, labels, n_bins)
+        used = bins["count"] > 0
+        ece = expected_calibration_error(probs, labels, n_bins)
+        ax.plot(bins["confidence"][used].cpu(), bins["accuracy"][used].cpu(), marker="o",
+                label=f"{name} (ECE {ece:.3f})")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram")
+    ax.legend(loc="upper left", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
