@@ -1,8 +1,8 @@
 """Few-shot adaptation to an unseen task, calibrated prediction, and held-out-task evaluation.
 
-    >>> adapt(model, support_examples, tokenizer=tok, steps=5)      # local <- global, 5 steps
-    >>> probs = predict_proba(model, query_examples, tokenizer=tok)  # (n, max options), rows sum to 1
-    >>> save_adapted(model, "my-task-adapter")                      # the adapted posterior as an adapter
+>>> adapt(model, support_examples, tokenizer=tok, steps=5)      # local <- global, 5 steps
+>>> probs = predict_proba(model, query_examples, tokenizer=tok)  # (n, max options), rows sum to 1
+>>> save_adapted(model, "my-task-adapter")                      # the adapted posterior as an adapter
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def predict_proba(
     probs = torch.zeros(len(examples), width)
     try:
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+            chunk = examples[start : start + batch_size]
             encoded = [enc.encode(e, _shots(shots, num_shots, rng)) for e in chunk]
             batch = _to(enc.collate(encoded), _device(model))
             batch.pop("labels")
@@ -151,7 +151,7 @@ def predict_proba(
             mask = torch.zeros(len(chunk), width, dtype=torch.bool)
             for i, e in enumerate(chunk):
                 mask[i, : len(e["choices"])] = True
-            probs[start:start + len(chunk)] = _letter_probs(model, batch, last, letter_ids, mask, samples)
+            probs[start : start + len(chunk)] = _letter_probs(model, batch, last, letter_ids, mask, samples)
     finally:
         model.train(was_training)
     return probs
@@ -175,8 +175,9 @@ def _num_samples(model: nn.Module, num_samples: Optional[int]) -> int:
     return num_samples
 
 
-def _letter_probs(model: nn.Module, batch: dict, last: torch.Tensor, letter_ids: torch.Tensor,
-                  mask: torch.Tensor, samples: int) -> torch.Tensor:
+def _letter_probs(
+    model: nn.Module, batch: dict, last: torch.Tensor, letter_ids: torch.Tensor, mask: torch.Tensor, samples: int
+) -> torch.Tensor:
     tuner = abmll_tuner(model)
     sample_mode = tuner is not None and (samples > 1 or _predictive_sample(tuner))
     total = torch.zeros(mask.shape)
@@ -242,10 +243,22 @@ def evaluate_tasks(
         query = [examples[i] for i in order[n_support:]][:max_query]
         with adaptation_scope(model):
             if support_batches > 0:
-                adapt(model, support, encoder=enc, steps=support_batches, batch_size=batch_size, lr=lr,
-                      optimizer=optimizer, beta=beta, num_shots=num_shots, seed=seed + t, task=task)
-            probs = predict_proba(model, query, encoder=enc, num_samples=num_samples, shots=support,
-                                  num_shots=num_shots, seed=seed + t)
+                adapt(
+                    model,
+                    support,
+                    encoder=enc,
+                    steps=support_batches,
+                    batch_size=batch_size,
+                    lr=lr,
+                    optimizer=optimizer,
+                    beta=beta,
+                    num_shots=num_shots,
+                    seed=seed + t,
+                    task=task,
+                )
+            probs = predict_proba(
+                model, query, encoder=enc, num_samples=num_samples, shots=support, num_shots=num_shots, seed=seed + t
+            )
         labels = torch.tensor([e["label"] for e in query])
         per_task[task] = {**classification_metrics(probs, labels, n_bins), "n": len(query)}
         all_probs.append(_pad(probs, max_choices))
@@ -269,12 +282,22 @@ def _pad(probs: torch.Tensor, width: int) -> torch.Tensor:
 def _summarise(per_task: dict[str, dict], probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, Any]:
     keys = ("accuracy", "ece", "nll", "brier")
     macro = {k: float(np.mean([m[k] for m in per_task.values()])) for k in keys}
-    return {"macro": macro, "pooled": classification_metrics(probs, labels, n_bins), "per_task": per_task,
-            "probs": probs.tolist(), "labels": labels.tolist()}
+    return {
+        "macro": macro,
+        "pooled": classification_metrics(probs, labels, n_bins),
+        "per_task": per_task,
+        "probs": probs.tolist(),
+        "labels": labels.tolist(),
+    }
 
 
-def write_results(results: dict[str, Any], curves: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  output_dir: Union[str, Path], name: str, n_bins: int = 15) -> dict[str, Path]:
+def write_results(
+    results: dict[str, Any],
+    curves: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    output_dir: Union[str, Path],
+    name: str,
+    n_bins: int = 15,
+) -> dict[str, Path]:
     """Write ``<name>_results.json`` (without raw probabilities) and ``<name>_reliability.png``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

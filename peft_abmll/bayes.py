@@ -94,9 +94,7 @@ def lowrank_output_variance(
     return scaling**2 * quadratic + (2 * scaling * floor) * linear + (2 * floor**2) * constant
 
 
-def gaussian_kl(
-    mean_q: torch.Tensor, var_q: torch.Tensor, mean_p: torch.Tensor, var_p: torch.Tensor
-) -> torch.Tensor:
+def gaussian_kl(mean_q: torch.Tensor, var_q: torch.Tensor, mean_p: torch.Tensor, var_p: torch.Tensor) -> torch.Tensor:
     """Element-wise ``KL(N(mean_q, var_q) || N(mean_p, var_p))`` (same shapes in and out)."""
     return 0.5 * (torch.log(var_p) - torch.log(var_q) + (var_q + (mean_q - mean_p).square()) / var_p - 1.0)
 

@@ -58,7 +58,9 @@ def _checked_example(example: Mapping[str, Any], task: str, row: int) -> dict[st
     if len(choices) < 2:
         raise ValueError(f"Task {task!r}, row {row}: needs at least 2 choices, got {choices!r}.")
     if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-        raise ValueError(f"Task {task!r}, row {row}: label must be the integer index of the correct choice, got {label!r}.")
+        raise ValueError(
+            f"Task {task!r}, row {row}: label must be the integer index of the correct choice, got {label!r}."
+        )
     if not 0 <= int(label) < len(choices):
         raise ValueError(f"Task {task!r}, row {row}: label {label} is out of range for {len(choices)} choices.")
     return {
@@ -74,8 +76,12 @@ def _drop_long_choices(tasks: dict[str, list[dict]], max_choices: int) -> dict[s
     for name, examples in tasks.items():
         short = [e for e in examples if len(e["choices"]) <= max_choices]
         if len(short) < len(examples):
-            logger.warning("Task %r: dropped %d example(s) with more than %d choices.", name,
-                           len(examples) - len(short), max_choices)
+            logger.warning(
+                "Task %r: dropped %d example(s) with more than %d choices.",
+                name,
+                len(examples) - len(short),
+                max_choices,
+            )
         if short:
             kept[name] = short
         else:
@@ -133,9 +139,11 @@ class TaskEncoder:
     def prompt_ids(self, example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = ()) -> list[int]:
         text = format_prompt(example, shots)
         if self.use_chat_template:
-            return list(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-            ))
+            return list(
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
     def answer_ids(self, example: Mapping[str, Any]) -> list[int]:
@@ -175,8 +183,13 @@ class TaskEncoder:
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    def batch(self, examples: Sequence[Mapping[str, Any]], pool: Sequence[Mapping[str, Any]] = (),
-              num_shots: int = 0, rng: Optional[np.random.Generator] = None) -> dict[str, torch.Tensor]:
+    def batch(
+        self,
+        examples: Sequence[Mapping[str, Any]],
+        pool: Sequence[Mapping[str, Any]] = (),
+        num_shots: int = 0,
+        rng: Optional[np.random.Generator] = None,
+    ) -> dict[str, torch.Tensor]:
         """Encode and collate `examples`, each with `num_shots` solved examples drawn from `pool`."""
         rng = rng or np.random.default_rng(0)
         encoded = [self.encode(e, _draw_shots(pool, e, num_shots, rng)) for e in examples]
@@ -228,8 +241,16 @@ class EpisodeDataset(torch.utils.data.Dataset):
         seed: base seed of the example draws.
     """
 
-    def __init__(self, tasks: Mapping[str, list[dict]], encoder: TaskEncoder, support_batches: int = 5,
-                 query_batches: int = 0, batch_size: int = 2, num_shots: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        tasks: Mapping[str, list[dict]],
+        encoder: TaskEncoder,
+        support_batches: int = 5,
+        query_batches: int = 0,
+        batch_size: int = 2,
+        num_shots: int = 0,
+        seed: int = 0,
+    ) -> None:
         self.encoder = encoder
         self.support_batches, self.query_batches, self.batch_size = support_batches, query_batches, batch_size
         self.num_shots, self.seed = num_shots, seed
@@ -238,8 +259,10 @@ class EpisodeDataset(torch.utils.data.Dataset):
         for name in sorted(set(tasks) - set(self.tasks)):
             logger.warning("Task %r has %d examples but an episode needs %d; skipped.", name, len(tasks[name]), need)
         if not self.tasks:
-            raise ValueError(f"No task has the {need} examples an episode needs "
-                             f"(({support_batches} support + {query_batches} query batches) x batch {batch_size}).")
+            raise ValueError(
+                f"No task has the {need} examples an episode needs "
+                f"(({support_batches} support + {query_batches} query batches) x batch {batch_size})."
+            )
         self.names = sorted(self.tasks)
 
     def __len__(self) -> int:
@@ -250,14 +273,19 @@ class EpisodeDataset(torch.utils.data.Dataset):
         name = self.names[index]
         examples = self.tasks[name]
         rng = np.random.default_rng([self.seed, epoch, index])
-        picks = rng.choice(len(examples), size=(self.support_batches + self.query_batches) * self.batch_size,
-                           replace=False)
+        picks = rng.choice(
+            len(examples), size=(self.support_batches + self.query_batches) * self.batch_size, replace=False
+        )
         batches = [
-            self.encoder.batch([examples[i] for i in picks[b * self.batch_size:(b + 1) * self.batch_size]],
-                               examples, self.num_shots, rng)
+            self.encoder.batch(
+                [examples[i] for i in picks[b * self.batch_size : (b + 1) * self.batch_size]],
+                examples,
+                self.num_shots,
+                rng,
+            )
             for b in range(self.support_batches + self.query_batches)
         ]
-        return {"task": name, "support": batches[: self.support_batches], "query": batches[self.support_batches:]}
+        return {"task": name, "support": batches[: self.support_batches], "query": batches[self.support_batches :]}
 
 
 def unwrap_episode(items: list[dict[str, Any]]) -> dict[str, Any]:

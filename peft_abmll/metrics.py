@@ -80,8 +80,9 @@ def plot_reliability_diagram(
         bins = calibration_bins(probs, labels, n_bins)
         used = bins["count"] > 0
         ece = expected_calibration_error(probs, labels, n_bins)
-        ax.plot(bins["confidence"][used].cpu(), bins["accuracy"][used].cpu(), marker="o",
-                label=f"{name} (ECE {ece:.3f})")
+        ax.plot(
+            bins["confidence"][used].cpu(), bins["accuracy"][used].cpu(), marker="o", label=f"{name} (ECE {ece:.3f})"
+        )
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram")
     ax.legend(loc="upper left", fontsize=8)
     path = Path(path)

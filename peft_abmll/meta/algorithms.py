@@ -108,8 +108,11 @@ class ReptileView:
         self.beta = 0.0
 
     def _params(self, adapter: str) -> list[nn.Parameter]:
-        named = [(n.replace(f".{adapter}.", ".").removesuffix(f".{adapter}"), p)
-                 for n, p in self.model.named_parameters() if f".{adapter}." in n or n.endswith(f".{adapter}")]
+        named = [
+            (n.replace(f".{adapter}.", ".").removesuffix(f".{adapter}"), p)
+            for n, p in self.model.named_parameters()
+            if f".{adapter}." in n or n.endswith(f".{adapter}")
+        ]
         return [p for _, p in sorted(named, key=lambda item: item[0])]
 
     def global_params(self) -> list[nn.Parameter]:
@@ -192,8 +195,9 @@ def linear_surrogate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     return total
 
 
-def make_inner_optimizer(params: Sequence[nn.Parameter], name: str, lr: float,
-                         weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def make_inner_optimizer(
+    params: Sequence[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     """A fresh optimizer for one inner loop (state is per task and dropped afterwards)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -243,9 +247,12 @@ def inner_loop(
     return logs
 
 
-def query_gradients(model: nn.Module, view: Any, batches: Sequence[dict[str, torch.Tensor]],
-                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                    ) -> tuple[list[torch.Tensor], float]:
+def query_gradients(
+    model: nn.Module,
+    view: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[list[torch.Tensor], float]:
     """First-order meta-gradient: mean query-batch NLL gradient at the adapted local parameters."""
     params = view.local_params()
     total = [torch.zeros_like(p) for p in params]

@@ -70,8 +70,10 @@ class MetaTrainingArguments(TrainingArguments):
             # reentrant checkpointing silently yields None gradients for autograd.grad-driven inner loops
             kwargs = dict(self.gradient_checkpointing_kwargs or {})
             if kwargs.get("use_reentrant", False):
-                raise ValueError("MetaTrainer needs gradient_checkpointing_kwargs={'use_reentrant': False}: reentrant "
-                                 "checkpointing gives the inner loop no gradients.")
+                raise ValueError(
+                    "MetaTrainer needs gradient_checkpointing_kwargs={'use_reentrant': False}: reentrant "
+                    "checkpointing gives the inner loop no gradients."
+                )
             self.gradient_checkpointing_kwargs = {**kwargs, "use_reentrant": False}
         super().__post_init__()
         self._validate_meta()

@@ -54,8 +54,15 @@ class MetaTrainer(Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model: nn.Module, args: MetaTrainingArguments, train_dataset: Any = None,
-                 eval_dataset: Any = None, processing_class: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        args: MetaTrainingArguments,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(args, MetaTrainingArguments):
             raise TypeError("MetaTrainer needs MetaTrainingArguments (a TrainingArguments subclass) as `args`.")
         if processing_class is None:
@@ -64,12 +71,25 @@ class MetaTrainer(Trainer):
         episodes = None
         if train_dataset is not None:
             tasks = prepare_tasks(train_dataset, args.max_choices)
-            episodes = EpisodeDataset(tasks, self.encoder, args.inner_steps, args.query_batches,
-                                      args.inner_batch_size, args.num_shots, seed=_data_seed(args))
+            episodes = EpisodeDataset(
+                tasks,
+                self.encoder,
+                args.inner_steps,
+                args.query_batches,
+                args.inner_batch_size,
+                args.num_shots,
+                seed=_data_seed(args),
+            )
         held_out = None if eval_dataset is None else TaskCollection(prepare_tasks(eval_dataset, args.max_choices))
         kwargs.setdefault("data_collator", unwrap_episode)
-        super().__init__(model=model, args=args, train_dataset=episodes, eval_dataset=held_out,
-                         processing_class=processing_class, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=episodes,
+            eval_dataset=held_out,
+            processing_class=processing_class,
+            **kwargs,
+        )
         self.view = self._make_view()
         self._meta_logs: dict[str, list[float]] = defaultdict(list)
         self._pending_query_grads: Optional[list[torch.Tensor]] = None
@@ -90,7 +110,10 @@ class MetaTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("MetaTrainer: training requires a train_dataset of tasks.")
         loader = torch.utils.data.DataLoader(
-            self.train_dataset, batch_size=1, sampler=self._get_train_sampler(), collate_fn=self.data_collator,
+            self.train_dataset,
+            batch_size=1,
+            sampler=self._get_train_sampler(),
+            collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
         )
         return self.accelerator.prepare(loader)
@@ -104,8 +127,9 @@ class MetaTrainer(Trainer):
             return self.optimizer
         return super().create_optimizer(model)
 
-    def training_step(self, model: nn.Module, inputs: dict[str, Any],
-                      num_items_in_batch: Optional[Any] = None) -> torch.Tensor:
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Optional[Any] = None
+    ) -> torch.Tensor:
         """One task: reset, K inner steps on the local pairs, then the outer loss through the Trainer."""
         task = inputs["task"]
         self._current_task = task
@@ -114,15 +138,21 @@ class MetaTrainer(Trainer):
         self.view.reset()
         with self.view.local_mode():
             logs = inner_loop(
-                unwrapped, self.view, [self._prepare_inputs(b) for b in inputs["support"]],
-                lr=self.args.inner_learning_rate, optimizer=self.args.inner_optimizer,
-                weight_decay=self.args.inner_weight_decay, autocast=self.compute_loss_context_manager,
-                task=task, step_label=f"at global step {self.state.global_step} ",
+                unwrapped,
+                self.view,
+                [self._prepare_inputs(b) for b in inputs["support"]],
+                lr=self.args.inner_learning_rate,
+                optimizer=self.args.inner_optimizer,
+                weight_decay=self.args.inner_weight_decay,
+                autocast=self.compute_loss_context_manager,
+                task=task,
+                step_label=f"at global step {self.state.global_step} ",
             )
             if self.args.first_order:
                 queries = [self._prepare_inputs(b) for b in inputs["query"]]
-                self._pending_query_grads, query_nll = query_gradients(unwrapped, self.view, queries,
-                                                                       self.compute_loss_context_manager)
+                self._pending_query_grads, query_nll = query_gradients(
+                    unwrapped, self.view, queries, self.compute_loss_context_manager
+                )
                 self._meta_logs["query_nll"].append(query_nll)
         for key in ("nll", "kl"):
             if key in logs[-1]:
@@ -132,8 +162,13 @@ class MetaTrainer(Trainer):
         nll = self._meta_logs["nll"][-1]
         return outer + nll / self.current_gradient_accumulation_steps
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Optional[Any] = None) -> Any:
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Optional[Any] = None,
+    ) -> Any:
         if OUTER_KEY not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, logs = self.view.outer_loss()
@@ -171,8 +206,9 @@ class MetaTrainer(Trainer):
         super()._save(output_dir, state_dict)
 
     # --------------------------------------------------------------------------------- evaluation
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Optional[list[str]] = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         """Held-out-task evaluation: per task adapt on support batches, predict the rest.
 
         Logs macro accuracy / ECE / NLL / Brier as ``{prefix}_accuracy`` etc., and writes the JSON and
@@ -188,11 +224,20 @@ class MetaTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         self.view.reset()
         results = evaluate_tasks(
-            model, tasks.tasks, encoder=self.encoder, support_batches=self.args.adaptation_steps,
-            batch_size=self.args.inner_batch_size, lr=self.args.test_learning_rate,
-            optimizer=self.args.inner_optimizer, beta=self.args.beta, num_samples=self.args.eval_num_samples,
-            max_query=self.args.eval_max_query, num_shots=self.args.num_shots, n_bins=self.args.ece_bins,
-            seed=self.args.seed, output_dir=self.args.output_dir if self.is_world_process_zero() else None,
+            model,
+            tasks.tasks,
+            encoder=self.encoder,
+            support_batches=self.args.adaptation_steps,
+            batch_size=self.args.inner_batch_size,
+            lr=self.args.test_learning_rate,
+            optimizer=self.args.inner_optimizer,
+            beta=self.args.beta,
+            num_samples=self.args.eval_num_samples,
+            max_query=self.args.eval_max_query,
+            num_shots=self.args.num_shots,
+            n_bins=self.args.ece_bins,
+            seed=self.args.seed,
+            output_dir=self.args.output_dir if self.is_world_process_zero() else None,
             name=f"{metric_key_prefix}_step{self.state.global_step}",
         )
         self.view.reset()

@@ -66,7 +66,9 @@ class ABMLLConfig(PeftConfig):
     )
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Name of the `nn.ModuleList` holding the blocks (e.g. 'layers' or 'h'), for `layers_to_transform`."},
+        metadata={
+            "help": "Name of the `nn.ModuleList` holding the blocks (e.g. 'layers' or 'h'), for `layers_to_transform`."
+        },
     )
     modules_to_save: Optional[list[str]] = field(
         default=None,
@@ -123,7 +125,8 @@ class ABMLLConfig(PeftConfig):
         default=0.01, metadata={"help": "Rate b0 of the Gamma hyperprior on the global precision (ABML: 0.01)."}
     )
     prior_mean_std: float = field(
-        default=1.0, metadata={"help": "Standard deviation of the Normal(0, std^2) hyperprior on the global mean entries."}
+        default=1.0,
+        metadata={"help": "Standard deviation of the Normal(0, std^2) hyperprior on the global mean entries."},
     )
     sampling: Literal["local", "weight"] = field(
         default="local",
@@ -172,22 +175,46 @@ class ABMLLConfig(PeftConfig):
 
     def _validate(self) -> None:
         """Raise a ValueError naming the field and the fix for any inconsistent value."""
-        _require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r,
-                 "a positive integer rank, e.g. r=8")
-        _require(_finite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha,
-                 "a positive number, e.g. lora_alpha=16")
-        _require(_finite(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout,
-                 "a probability in [0, 1)")
-        _require(_finite(self.scale_floor) and self.scale_floor > 0, "scale_floor", self.scale_floor,
-                 "a small positive number, e.g. 1e-6")
-        _require(_finite(self.init_std) and self.init_std > self.scale_floor, "init_std", self.init_std,
-                 f"a positive std larger than scale_floor={self.scale_floor}, e.g. 1e-3")
+        _require(
+            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+            "r",
+            self.r,
+            "a positive integer rank, e.g. r=8",
+        )
+        _require(
+            _finite(self.lora_alpha) and self.lora_alpha > 0,
+            "lora_alpha",
+            self.lora_alpha,
+            "a positive number, e.g. lora_alpha=16",
+        )
+        _require(
+            _finite(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
+            "lora_dropout",
+            self.lora_dropout,
+            "a probability in [0, 1)",
+        )
+        _require(
+            _finite(self.scale_floor) and self.scale_floor > 0,
+            "scale_floor",
+            self.scale_floor,
+            "a small positive number, e.g. 1e-6",
+        )
+        _require(
+            _finite(self.init_std) and self.init_std > self.scale_floor,
+            "init_std",
+            self.init_std,
+            f"a positive std larger than scale_floor={self.scale_floor}, e.g. 1e-3",
+        )
         _require(_finite(self.beta) and self.beta >= 0, "beta", self.beta, "a non-negative weight, e.g. 1e-7")
         for name in ("prior_a0", "prior_b0", "prior_mean_std"):
             value = getattr(self, name)
             _require(_finite(value) and value > 0, name, value, "a positive number")
-        _require(isinstance(self.num_samples, int) and self.num_samples >= 1, "num_samples", self.num_samples,
-                 "an integer >= 1")
+        _require(
+            isinstance(self.num_samples, int) and self.num_samples >= 1,
+            "num_samples",
+            self.num_samples,
+            "an integer >= 1",
+        )
         _choice("scale_type", self.scale_type, SCALE_TYPES)
         _choice("sampling", self.sampling, SAMPLING_MODES)
         _choice("predictive_mode", self.predictive_mode, PREDICTIVE_MODES)
@@ -200,8 +227,10 @@ class ABMLLConfig(PeftConfig):
                 "or scale_type='linear'."
             )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("ABMLLConfig: `layers_to_transform` cannot be used when `target_modules` is a regex str; "
-                             "pass target_modules as a list of names instead.")
+            raise ValueError(
+                "ABMLLConfig: `layers_to_transform` cannot be used when `target_modules` is a regex str; "
+                "pass target_modules as a list of names instead."
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("ABMLLConfig: `layers_pattern` needs `layers_to_transform`; set both or neither.")
 

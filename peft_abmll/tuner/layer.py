@@ -94,7 +94,9 @@ class ABMLLLayer(BaseTunerLayer):
         settings = self.abmll_settings[adapter_name]
         if settings["scale_type"] == "linear":
             # s * B @ A + c = init_std with B @ A ~ constant; jitter breaks the symmetry between rank columns
-            value = math.sqrt((settings["init_std"] - settings["floor"]) / (self.scaling[adapter_name] * mean_A.shape[0]))
+            value = math.sqrt(
+                (settings["init_std"] - settings["floor"]) / (self.scaling[adapter_name] * mean_A.shape[0])
+            )
             scale_A.copy_(value * (1 + 0.1 * torch.randn_like(scale_A)))
             scale_B.copy_(value * (1 + 0.1 * torch.randn_like(scale_B)))
         else:
@@ -138,7 +140,9 @@ class ABMLLLayer(BaseTunerLayer):
         posterior = posterior or self.abmll_posterior[adapter_name]
         return tuple(getattr(self, n)[adapter_name] for n in POSTERIOR_PAIRS[posterior])
 
-    def posterior_moments(self, adapter_name: str, posterior: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior_moments(
+        self, adapter_name: str, posterior: Optional[str] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense float32 ``(mean, variance)`` of ``Delta W``, each ``(d_out, d_in)``."""
         mean_A, mean_B, scale_A, scale_B = self.posterior_factors(adapter_name, posterior)
         return _moments(mean_A, mean_B, scale_A, scale_B, **self._math_kwargs(adapter_name))
@@ -269,7 +273,7 @@ class Linear(nn.Module, ABMLLLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()

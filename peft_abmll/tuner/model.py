@@ -22,8 +22,24 @@ TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     **{
         family: ["q_proj", "v_proj", "o_proj"]
         for family in (
-            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-            "gemma3_text", "olmo", "olmo2", "granite", "stablelm", "smollm3", "cohere", "starcoder2", "deepseek_v2",
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "granite",
+            "stablelm",
+            "smollm3",
+            "cohere",
+            "starcoder2",
+            "deepseek_v2",
         )
     },
     "phi": ["q_proj", "v_proj", "dense"],
@@ -178,11 +194,13 @@ def _create_new_module(config: ABMLLConfig, adapter_name: str, target: nn.Module
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, Conv1D):
         if not config.fan_in_fan_out:
-            warnings.warn(f"{key} is a transformers Conv1D (weight stored transposed): setting fan_in_fan_out=True.")
+            warnings.warn(
+                f"{key} is a transformers Conv1D (weight stored transposed): setting fan_in_fan_out=True.", stacklevel=2
+            )
             config.fan_in_fan_out = True
     elif isinstance(base, nn.Linear):
         if config.fan_in_fan_out:
-            warnings.warn(f"{key} is a torch.nn.Linear: setting fan_in_fan_out=False.")
+            warnings.warn(f"{key} is a torch.nn.Linear: setting fan_in_fan_out=False.", stacklevel=2)
             config.fan_in_fan_out = False
     else:
         raise TypeError(
