@@ -114,8 +114,8 @@ class ABMLLConfig(PeftConfig):
     beta: float = field(
         default=1e-7,
         metadata={
-            "help": "Weight of the KL and hyperprior terms in the loss (the paper's tempering; 1e-7 there). These terms "
-            "sum over every weight entry while the data loss is a per-token mean, hence the small value."
+            "help": "Weight of the KL and hyperprior terms in the loss (the paper's tempering; 1e-7 there). These "
+            "terms sum over every weight entry while the data loss is a per-token mean, hence the small value."
         },
     )
     prior_a0: float = field(
@@ -139,8 +139,8 @@ class ABMLLConfig(PeftConfig):
     predictive_mode: Literal["mean", "sample"] = field(
         default="mean",
         metadata={
-            "help": "What eval-mode forward passes compute. 'mean': the posterior mean only, deterministic and equal to "
-            "the merged model. 'sample': a weight sample drawn from a seeded generator (deterministic per sample "
+            "help": "What eval-mode forward passes compute. 'mean': the posterior mean only, deterministic and equal "
+            "to the merged model. 'sample': a weight sample drawn from a seeded generator (deterministic per sample "
             "index); `peft_abmll.predict_proba` averages `num_samples` of them."
         },
     )
@@ -222,9 +222,9 @@ class ABMLLConfig(PeftConfig):
         _choice("bias", self.bias, BIAS_MODES)
         if self.sampling == "local" and self.scale_type != "linear":
             raise ValueError(
-                f"ABMLLConfig: sampling='local' needs scale_type='linear' (its output variance is low-rank only for the "
-                f"linear scale), got scale_type={self.scale_type!r}. Use sampling='weight' with '{self.scale_type}', "
-                "or scale_type='linear'."
+                f"ABMLLConfig: sampling='local' needs scale_type='linear' (its output variance is low-rank only for "
+                f"the linear scale), got scale_type={self.scale_type!r}. Use sampling='weight' with "
+                f"'{self.scale_type}', or scale_type='linear'."
             )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
