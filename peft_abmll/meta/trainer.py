@@ -91,6 +91,7 @@ class MetaTrainer(Trainer):
             **kwargs,
         )
         self.view = self._make_view()
+        self.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set per update by train()
         self._meta_logs: dict[str, list[float]] = defaultdict(list)
         self._pending_query_grads: Optional[list[torch.Tensor]] = None
         self._current_task = "?"
@@ -100,6 +101,13 @@ class MetaTrainer(Trainer):
         if self.args.meta_algorithm == "reptile":
             return ReptileView(model)
         return ABMLLView(model, beta=self.args.beta)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, leaving the model with local == global (the meta-learned adapter)."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.view.reset()
 
     # --------------------------------------------------------------------------------- data
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:

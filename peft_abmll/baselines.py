@@ -1,0 +1,183 @@
+"""The paper's baselines in the same harness, data and step budget as ABMLL.
+
+==================  ==========================================================================
+method              what trains
+==================  ==========================================================================
+``pretrained``      nothing; a fresh identity LoRA adapter is added so the test-time 5-step
+                    adaptation has something to train
+``regular_lora``    plain PEFT LoRA, one optimizer step per batch, batches shuffled across tasks
+``structured_lora`` plain PEFT LoRA, task by task: K consecutive steps per task, no reset
+``reptile``         LoRA, K inner steps per task, outer interpolation (`MetaTrainer`, SGD)
+``abmll``           ABMLL (`MetaTrainer`)
+==================  ==========================================================================
+
+All of them see the same episodes (same tasks, examples and order for a given seed): an ABMLL or
+Reptile run of ``max_steps`` episodes makes ``max_steps * K`` inner steps of ``inner_batch_size``
+examples, and the LoRA baselines make exactly as many optimizer steps on the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import Trainer
+
+from .data import EpisodeDataset, TaskEncoder, prepare_tasks, unwrap_episode
+from .meta.arguments import MetaTrainingArguments
+from .meta.trainer import MetaTrainer, _data_seed
+from .tuner.config import ABMLLConfig
+
+METHODS = ("pretrained", "regular_lora", "structured_lora", "reptile", "abmll")
+
+
+class EpisodeBatchSampler(torch.utils.data.Sampler[int]):
+    """Yields batch codes ``episode_code * K + k``: shuffled across tasks (regular) or task-blocked (structured)."""
+
+    def __init__(self, num_tasks: int, support_batches: int, seed: int = 0, blocked: bool = False) -> None:
+        self.num_tasks, self.k, self.seed, self.blocked = num_tasks, support_batches, seed, blocked
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_tasks * self.k
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_tasks)
+        codes = [(self.epoch * self.num_tasks + int(t)) * self.k + k for t in order for k in range(self.k)]
+        if not self.blocked:
+            codes = [codes[i] for i in np.random.default_rng([self.seed, self.epoch, 1]).permutation(len(codes))]
+        return iter(codes)
+
+
+class EpisodeBatchDataset(torch.utils.data.Dataset):
+    """The support batches of an `EpisodeDataset`, addressable one by one."""
+
+    def __init__(self, episodes: EpisodeDataset) -> None:
+        self.episodes = episodes
+        self._cache: tuple[int, dict] = (-1, {})
+
+    def __len__(self) -> int:
+        return len(self.episodes) * self.episodes.support_batches
+
+    def __getitem__(self, code: int) -> dict[str, torch.Tensor]:
+        episode_code, k = divmod(int(code), self.episodes.support_batches)
+        if self._cache[0] != episode_code:
+            self._cache = (episode_code, self.episodes[episode_code])
+        return self._cache[1]["support"][k]
+
+
+class MultiTaskTrainer(Trainer):
+    """A plain `Trainer` over the same support batches as `MetaTrainer` (regular or structured LoRA)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: MetaTrainingArguments,
+        train_dataset: Any,
+        processing_class: Any,
+        blocked: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        encoder = TaskEncoder(processing_class, max_length=args.max_length)
+        episodes = EpisodeDataset(
+            prepare_tasks(train_dataset, args.max_choices),
+            encoder,
+            args.inner_steps,
+            0,
+            args.inner_batch_size,
+            args.num_shots,
+            seed=_data_seed(args),
+        )
+        self.blocked = blocked
+        args = dataclasses.replace(args, max_steps=args.max_steps * args.inner_steps if args.max_steps > 0 else -1)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=EpisodeBatchDataset(episodes),
+            data_collator=unwrap_episode,
+            processing_class=processing_class,
+            **kwargs,
+        )
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return EpisodeBatchSampler(
+            len(dataset.episodes), dataset.episodes.support_batches, seed=_data_seed(self.args), blocked=self.blocked
+        )
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=1, sampler=self._get_train_sampler(), collate_fn=self.data_collator
+        )
+        return self.accelerator.prepare(loader)
+
+
+def default_lora_config(abmll_config: Optional[ABMLLConfig] = None, **overrides: Any) -> LoraConfig:
+    """A LoRA config matching an ABMLL config's rank, alpha, dropout and targets."""
+    ref = abmll_config or ABMLLConfig()
+    kwargs = {
+        "r": ref.r,
+        "lora_alpha": ref.lora_alpha,
+        "lora_dropout": ref.lora_dropout,
+        "target_modules": ref.target_modules,
+        "task_type": "CAUSAL_LM",
+    }
+    return LoraConfig(**{**kwargs, **overrides})
+
+
+def train_method(
+    method: str,
+    base_model_fn: Callable[[], nn.Module],
+    tokenizer: Any,
+    train_dataset: Any,
+    args: MetaTrainingArguments,
+    abmll_config: Optional[ABMLLConfig] = None,
+    lora_config: Optional[LoraConfig] = None,
+    lora_learning_rate: Optional[float] = None,
+    **trainer_kwargs: Any,
+) -> PeftModel:
+    """Build and train one method on the same data and budget; returns the trained PeftModel.
+
+    ``args.learning_rate`` is the global learning rate for ABMLL and the outer interpolation step for
+    Reptile; ``args.inner_learning_rate`` their inner one. The regular / structured LoRA baselines
+    train at `lora_learning_rate` (default: ``args.inner_learning_rate``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+    abmll_config = abmll_config or ABMLLConfig()
+    lora_config = lora_config or default_lora_config(abmll_config)
+    if method == "abmll":
+        model = get_peft_model(base_model_fn(), abmll_config)
+        MetaTrainer(
+            model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, **trainer_kwargs
+        ).train()
+        return model
+    model = get_peft_model(base_model_fn(), lora_config)
+    if method == "pretrained":
+        return model
+    if method == "reptile":
+        args = dataclasses.replace(args, meta_algorithm="reptile")
+        MetaTrainer(
+            model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, **trainer_kwargs
+        ).train()
+        model.delete_adapter("meta")
+        model.set_adapter(model.active_adapter)  # trainable again, like any freshly trained LoRA
+        return model
+    args = dataclasses.replace(args, learning_rate=lora_learning_rate or args.inner_learning_rate)
+    MultiTaskTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        blocked=method == "structured_lora",
+        **trainer_kwargs,
+    ).train()
+    return model
