@@ -9,10 +9,48 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-WORDS = (
-    "return the label of correct answer for question below choices is a an x y z red blue green black white "
-    "cat dog fish bird cow sun moon star tree rock one two three four five yes no true false"
-).split()
+WORDS = [
+    "return",
+    "the",
+    "label",
+    "of",
+    "correct",
+    "answer",
+    "for",
+    "question",
+    "below",
+    "choices",
+    "is",
+    "a",
+    "an",
+    "x",
+    "y",
+    "z",
+    "red",
+    "blue",
+    "green",
+    "black",
+    "white",
+    "cat",
+    "dog",
+    "fish",
+    "bird",
+    "cow",
+    "sun",
+    "moon",
+    "star",
+    "tree",
+    "rock",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "yes",
+    "no",
+    "true",
+    "false",
+]
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
