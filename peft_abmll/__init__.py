@@ -13,6 +13,8 @@ register()
 
 from .adaptation import adapt, adaptation_scope, evaluate_tasks, predict_proba, save_adapted  # noqa: E402
 from .data import TaskEncoder, format_prompt, prepare_tasks  # noqa: E402
+from .export import export_lora  # noqa: E402
+from .hub import push_to_hub  # noqa: E402
 from .meta import MetaTrainer, MetaTrainingArguments, NonFiniteLossError  # noqa: E402
 
 __all__ = [
@@ -28,9 +30,11 @@ __all__ = [
     "adapt",
     "adaptation_scope",
     "evaluate_tasks",
+    "export_lora",
     "format_prompt",
     "predict_proba",
     "prepare_tasks",
+    "push_to_hub",
     "register",
     "save_adapted",
 ]

@@ -266,15 +266,21 @@ def _filter_choices(name: str, table: pa.Table, max_choices: int | None) -> pa.T
 
 
 def _shuffle_choices(name: str, table: pa.Table, seed: int) -> pa.Table:
-    """Permute each row's choices (and remap its label) with an rng fixed by ``(seed, name)``."""
+    """Permute each row's choices (and remap its label) with an rng fixed by ``(seed, name)``; vectorised."""
+    if table.num_rows == 0:
+        return table
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    choices, labels = [], []
-    for options, label in zip(table["choices"].to_pylist(), table["label"].to_pylist()):
-        perm = rng.permutation(len(options)).tolist()
-        choices.append([options[i] for i in perm])
-        labels.append(perm.index(label))
-    choices_col = pa.array(choices, pa.list_(pa.string()))
-    table = table.set_column(table.schema.get_field_index("choices"), "choices", choices_col)
+    choices = table["choices"].combine_chunks()
+    offsets = choices.offsets.to_numpy()
+    offsets = offsets - offsets[0]  # a sliced array's offsets need not start at 0
+    flat = choices.flatten()
+    rows = np.repeat(np.arange(table.num_rows), np.diff(offsets))
+    order = np.lexsort((rng.random(len(flat)), rows))  # a random order inside each row
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    labels = position[offsets[:-1] + table["label"].to_numpy()] - offsets[:-1]
+    shuffled = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat.take(pa.array(order)))
+    table = table.set_column(table.schema.get_field_index("choices"), "choices", shuffled)
     return table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
 
 

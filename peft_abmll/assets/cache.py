@@ -11,11 +11,13 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 MARKER = ".abmll-complete"
+STALE_TEMP_SECONDS = 6 * 3600
 
 
 def cache_root() -> Path:
@@ -67,10 +69,12 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     On success a completion marker is written and the temp dir is ``os.replace``-d into place. On an
     exception the temp dir is deleted and ``final_path`` is untouched. A half-written ``final_path``
     (no marker) is replaced; if another process finished ``final_path`` first, its copy wins and ours
-    is discarded. Callers should check `is_complete` first to skip the work.
+    is discarded. Temp dirs of killed runs older than `STALE_TEMP_SECONDS` are deleted. Callers should
+    check `is_complete` first to skip the work.
     """
     final = Path(final_path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
@@ -94,6 +98,15 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(final.parent)
     finally:
         _remove(tmp)
+
+
+def _remove_stale_temps(final: Path) -> None:
+    """Delete temp dirs of ``final`` left by killed runs (untouched for `STALE_TEMP_SECONDS`)."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for leftover in final.parent.glob(f".{final.name}.tmp-*"):
+        with contextlib.suppress(OSError):
+            if leftover.lstat().st_mtime < cutoff:
+                _remove(leftover)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -146,10 +146,15 @@ def _answer_index(value: Any, choices: list[str], names: list[str]) -> int | Non
 
 
 def _question(row: Mapping[str, Any], layout: _Layout) -> str:
+    """The question text; a sentence pair becomes ``"Premise: ...\nHypothesis: ..."`` (or Sentence 1/2, ...)."""
     if len(layout.question) == 1:
         return str(row[layout.question[0]] or "")
-    return "\n".join(f"{c.rstrip('12').capitalize()} {c[-1] if c[-1].isdigit() else ''}".rstrip() + f": {row[c]}"
-                     for c in layout.question)
+    return "\n".join(f"{_pretty(c)}: {row[c]}" for c in layout.question)
+
+
+def _pretty(column: str) -> str:
+    """``"sentence1"`` -> ``"Sentence 1"``, ``"premise"`` -> ``"Premise"``."""
+    return re.sub(r"(\d+)$", r" \1", column).capitalize()
 
 
 def rows_to_task_format(
@@ -168,7 +173,7 @@ def rows_to_task_format(
     out, dropped = [], 0
     for row in rows:
         choices, names = _options(row, layout)
-        label = _answer_index(row[layout.answer], choices, names)
+        label = _answer_index(row.get(layout.answer), choices, names)
         if label is None:
             dropped += 1
             continue
@@ -220,7 +225,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]] | dict[str, Any], list[
         raise ValueError(f"Unsupported task file {path.name!r}: use .json, .jsonl, .csv or .parquet")
     if not rows:
         raise ValueError(f"Task file {path} holds no rows")
-    return rows, list(rows[0].keys())
+    return rows, list(dict.fromkeys(key for row in rows for key in row))
 
 
 def load_task_file(path: str | os.PathLike, task: str | None = None, max_choices: int | None = None) -> Dataset:

@@ -100,8 +100,9 @@ class ABMLLLayer(BaseTunerLayer):
             scale_A.copy_(value * (1 + 0.1 * torch.randn_like(scale_A)))
             scale_B.copy_(value * (1 + 0.1 * torch.randn_like(scale_B)))
         else:
+            # B @ A ~ N(0, 1/d_in) around rho0: small spread, and both factors get gradients
             nn.init.normal_(scale_A, std=1.0 / math.sqrt(scale_A.shape[1]))
-            nn.init.normal_(scale_B, std=0.01)
+            nn.init.normal_(scale_B, std=1.0 / math.sqrt(scale_B.shape[1]))
         self.reset_local_to_global(adapter_name)
 
     @torch.no_grad()
@@ -213,15 +214,22 @@ class ABMLLLayer(BaseTunerLayer):
         return self.abmll_settings[adapter_name]["predictive_mode"] == "sample"
 
     def _noise(self, x: torch.Tensor, adapter_name: str, scale_A: torch.Tensor, scale_B: torch.Tensor) -> torch.Tensor:
-        """The zero-mean random part ``(sigma * eps) x`` of the output, float32."""
+        """The zero-mean random part ``(sigma * eps) x`` of the output, float32.
+
+        Training uses the configured sampling mode and the global RNG. Eval-mode samples are weight
+        samples from a seeded generator, so a sample is one fixed model: reproducible and independent of
+        how examples are batched.
+        """
         settings = self.abmll_settings[adapter_name]
-        generator = None if self.training else self._eval_generator(x.device, adapter_name)
-        if settings["sampling"] == "local":
+        if self.training and settings["sampling"] == "local":
+            # rescale rows so x**2 @ (s B A)**2 cannot overflow float32 for large inputs
+            row_max = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
             var = bayes.lowrank_output_variance(
-                x.float().square(), scale_A, scale_B, scaling=self.scaling[adapter_name], floor=settings["floor"]
+                (x.float() / row_max).square(), scale_A, scale_B, scaling=self.scaling[adapter_name],
+                floor=settings["floor"],
             )
-            eps = torch.randn(var.shape, device=var.device, dtype=var.dtype, generator=generator)
-            return var.clamp_min(1e-30).sqrt() * eps
+            return row_max * var.clamp_min(1e-30).sqrt() * torch.randn_like(var)
+        generator = None if self.training else self._eval_generator(x.device, adapter_name)
         var = bayes.entry_variance(scale_A, scale_B, **_entry_kwargs(self._math_kwargs(adapter_name)))
         eps = torch.randn(var.shape, device=var.device, dtype=var.dtype, generator=generator)
         return F.linear(x.float(), var.sqrt() * eps)

