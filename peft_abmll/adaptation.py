@@ -86,7 +86,7 @@ def adapt(
         view.reset()
     try:
         with view.local_mode():
-            logs = inner_loop(model, view, batches, lr=lr, optimizer=optimizer, task=task)
+            logs = inner_loop(model, view, batches, lr=lr, optimizer=optimizer, task=task, fresh=True)
     finally:
         model.train(was_training)
     if abmll_tuner(model) is not None:

@@ -24,8 +24,17 @@ TAGS = ["abmll", "peft", "lora", "bayesian", "meta-learning", "uncertainty"]
 PAPER = "https://arxiv.org/abs/2508.14285"
 #: Key config values shown in the card, in order.
 CARD_FIELDS = (
-    "r", "lora_alpha", "target_modules", "scale_type", "sampling", "beta", "init_std", "scale_floor", "posterior",
-    "predictive_mode", "num_samples",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "scale_type",
+    "sampling",
+    "beta",
+    "init_std",
+    "scale_floor",
+    "posterior",
+    "predictive_mode",
+    "num_samples",
 )
 _PIPELINES = {
     "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
@@ -68,9 +77,7 @@ def push_to_hub(
         )
 
 
-def write_model_card(
-    model: PeftModel, folder: Union[str, os.PathLike], *, repo_id: Optional[str] = None
-) -> Path:
+def write_model_card(model: PeftModel, folder: Union[str, os.PathLike], *, repo_id: Optional[str] = None) -> Path:
     """Write ``README.md`` in `folder`: PEFT metadata, the ABMLL config and a usage snippet. Returns its path.
 
     ``base_model`` goes into the metadata when the config's ``base_model_name_or_path`` is a Hub repo id (a

@@ -86,8 +86,11 @@ def detect_layout(columns: Sequence[str], class_names: Sequence[str] | None = No
         layout.choice_columns, layout.choice_names = _numbered_columns(cols)
     if layout.choices is None and not layout.choice_columns:
         if not class_names:
-            _fail(cols, "no options: a list column (" + ", ".join(LIST_COLUMNS) + "), numbered option columns, "
-                  "or a ClassLabel answer column")
+            _fail(
+                cols,
+                "no options: a list column (" + ", ".join(LIST_COLUMNS) + "), numbered option columns, "
+                "or a ClassLabel answer column",
+            )
         layout.class_names = list(class_names)
     used = {answer, layout.choices, *layout.choice_columns, "task"}
     pair = next((p for p in PAIR_COLUMNS if all(c in cols for c in p)), None)

@@ -217,10 +217,13 @@ def inner_loop(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     task: str = "?",
     step_label: str = "",
+    fresh: bool = False,
 ) -> list[dict[str, float]]:
     """K first-order steps on ``view.local_params()``: one optimizer step per batch on NLL + beta * KL.
 
-    Must run inside ``view.local_mode()``. Returns one log dict (``nll``, ``kl``, ``loss``) per step.
+    Must run inside ``view.local_mode()``. ``fresh=True`` declares that local == global on entry (just
+    reset), which lets the first step skip the KL (exactly 0, with zero gradient). Returns one log dict
+    (``nll``, ``kl``, ``loss``) per step.
     Raises `NonFiniteLossError` naming the step and `task` on a NaN / infinite loss.
     """
     params = view.local_params()
@@ -229,7 +232,8 @@ def inner_loop(
     for k, batch in enumerate(batches):
         with autocast():
             nll = model(**batch).loss
-        reg, reg_logs = view.inner_regularizer()
+        # right after a reset local == global: the KL and its gradient are exactly 0, skip computing them
+        reg, reg_logs = view.inner_regularizer() if (k > 0 or not fresh) else (torch.zeros(()), {"kl": 0.0})
         loss = nll.float() + reg.to(nll.device)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(

@@ -155,6 +155,7 @@ class MetaTrainer(Trainer):
                 autocast=self.compute_loss_context_manager,
                 task=task,
                 step_label=f"at global step {self.state.global_step} ",
+                fresh=True,
             )
             if self.args.first_order:
                 queries = [self._prepare_inputs(b) for b in inputs["query"]]

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
-from .. import bayes
+from .. import bayes, fused
 from .config import ABMLLConfig
 
 POSTERIOR_PAIRS = {
@@ -151,26 +150,28 @@ class ABMLLLayer(BaseTunerLayer):
     def kl_divergence(self, adapter_name: str) -> torch.Tensor:
         """``KL(q_local || p_global)`` summed over every entry of ``Delta W`` (float32 scalar).
 
-        Computed under activation checkpointing so only the factors are kept for backward.
+        One fused, row-blocked pass (`peft_abmll.fused`): memory stays at the size of the factors.
         """
         local = self.posterior_factors(adapter_name, "local")
-        global_ = self.posterior_factors(adapter_name, "global")
-        kwargs = self._math_kwargs(adapter_name)
-        return _maybe_checkpoint(lambda *f: _kl_from_factors(f[:4], f[4:], kwargs), *local, *global_)
+        with _fp32(local[0].device):
+            return fused.fused_kl(local, self.posterior_factors(adapter_name, "global"), self._scale_spec(adapter_name))
 
     def log_prior(self, adapter_name: str) -> torch.Tensor:
         """Log hyperprior of the global posterior: Normal on means + Gamma on precisions (float32 scalar)."""
         settings = self.abmll_settings[adapter_name]
-        kwargs = self._math_kwargs(adapter_name)
-
-        def _log_prior(*factors: torch.Tensor) -> torch.Tensor:
-            mean, var = _moments(*factors, **kwargs)
-            return (
-                bayes.log_normal(mean, settings["prior_mean_std"]).sum()
-                + bayes.log_gamma_precision(var, settings["prior_a0"], settings["prior_b0"]).sum()
+        factors = self.posterior_factors(adapter_name, "global")
+        with _fp32(factors[0].device):
+            return fused.fused_log_prior(
+                factors,
+                self._scale_spec(adapter_name),
+                settings["prior_mean_std"],
+                settings["prior_a0"],
+                settings["prior_b0"],
             )
 
-        return _maybe_checkpoint(_log_prior, *self.posterior_factors(adapter_name, "global"))
+    def _scale_spec(self, adapter_name: str) -> fused.ScaleSpec:
+        settings = self.abmll_settings[adapter_name]
+        return fused.ScaleSpec(settings["scale_type"], self.scaling[adapter_name], settings["floor"], settings["rho0"])
 
     def _math_kwargs(self, adapter_name: str) -> dict[str, Any]:
         settings = self.abmll_settings[adapter_name]
@@ -225,7 +226,10 @@ class ABMLLLayer(BaseTunerLayer):
             # rescale rows so x**2 @ (s B A)**2 cannot overflow float32 for large inputs
             row_max = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
             var = bayes.lowrank_output_variance(
-                (x.float() / row_max).square(), scale_A, scale_B, scaling=self.scaling[adapter_name],
+                (x.float() / row_max).square(),
+                scale_A,
+                scale_B,
+                scaling=self.scaling[adapter_name],
                 floor=settings["floor"],
             )
             return row_max * var.clamp_min(1e-30).sqrt() * torch.randn_like(var)
@@ -325,20 +329,6 @@ def _moments(
     return mean, bayes.entry_variance(scale_A, scale_B, **_entry_kwargs(math_kwargs))
 
 
-def _kl_from_factors(local: tuple, global_: tuple, math_kwargs: dict[str, Any]) -> torch.Tensor:
-    mean_q, var_q = _moments(*local, **math_kwargs)
-    mean_p, var_p = _moments(*global_, **math_kwargs)
-    return bayes.gaussian_kl(mean_q, var_q, mean_p, var_p).sum()
-
-
 def _fp32(device: torch.device) -> Any:
     """Disable autocast: the Bayesian terms are computed in float32 whatever the model dtype."""
     return torch.autocast(device_type=device.type, enabled=False)
-
-
-def _maybe_checkpoint(fn: Any, *tensors: torch.Tensor) -> torch.Tensor:
-    """Run `fn` in float32, under non-reentrant activation checkpointing when a gradient is needed."""
-    with _fp32(tensors[0].device):
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return checkpoint(fn, *tensors, use_reentrant=False)
-        return fn(*tensors)
