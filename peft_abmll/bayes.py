@@ -67,8 +67,9 @@ def entry_variance(
 @functools.lru_cache(maxsize=32)
 def _pairs(r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Index pairs ``k <= l`` of the rank and their weights (1 on the diagonal, 2 off it)."""
-    k, l = torch.triu_indices(r, r, device=device)
-    return k, l, torch.where(k == l, 1.0, 2.0).to(device)
+    with torch.inference_mode(False):  # cached: must stay usable by autograd even if first built in inference mode
+        k, l = torch.triu_indices(r, r, device=device)
+        return k, l, torch.where(k == l, 1.0, 2.0).to(device)
 
 
 def lowrank_output_variance(

@@ -142,3 +142,16 @@ def test_inverse_softplus_round_trips(y: float) -> None:
 def test_inverse_softplus_rejects_non_positive(y: float) -> None:
     with pytest.raises(ValueError, match="y > 0"):
         bayes.inverse_softplus(y)
+
+
+def test_lowrank_variance_cache_survives_inference_mode() -> None:
+    """The cached pair indices built under inference_mode must still work with autograd afterwards."""
+    from peft_abmll.bayes import _pairs
+
+    _pairs.cache_clear()
+    A, B = torch.randn(3, 5), torch.randn(4, 3)
+    with torch.inference_mode():
+        bayes.lowrank_output_variance(torch.rand(2, 5), A, B, scaling=2.0, floor=1e-3)
+    A.requires_grad_(True)
+    bayes.lowrank_output_variance(torch.rand(2, 5), A, B, scaling=2.0, floor=1e-3).sum().backward()
+    assert A.grad is not None and torch.isfinite(A.grad).all()
