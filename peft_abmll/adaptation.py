@@ -1,8 +1,10 @@
 """Few-shot adaptation to an unseen task, calibrated prediction, and held-out-task evaluation.
 
->>> adapt(model, support_examples, tokenizer=tok, steps=5)      # local <- global, 5 steps
->>> probs = predict_proba(model, query_examples, tokenizer=tok)  # (n, max options), rows sum to 1
->>> save_adapted(model, "my-task-adapter")                      # the adapted posterior as an adapter
+```python
+adapt(model, support_examples, tokenizer=tok, steps=5)      # local <- global, 5 steps
+probs = predict_proba(model, query_examples, tokenizer=tok)  # (n, max options), rows sum to 1
+save_adapted(model, "my-task-adapter")                      # the adapted posterior as an adapter
+```
 """
 
 from __future__ import annotations
@@ -11,17 +13,19 @@ import contextlib
 import copy
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import numpy as np
 import torch
+from peft import PeftModel
 from torch import nn
 
 from .data import TaskData, TaskEncoder, prepare_tasks
 from .meta.algorithms import SnapshotView, abmll_tuner, inner_loop, make_view
 from .metrics import classification_metrics, plot_reliability_diagram
+from .tuner.model import ABMLLModel
 
 logger = logging.getLogger("peft_abmll")
 Examples = Sequence[Mapping[str, Any]]
@@ -80,35 +84,39 @@ def adapt(
         idx = [order[(s * batch_size + j) % len(support)] for j in range(batch_size)]
         batches.append(_to(enc.batch([support[i] for i in idx], support, num_shots, rng), _device(model)))
     view = make_view(model, beta)
+    tuner = abmll_tuner(model)
     was_training = model.training
     model.train()
-    if abmll_tuner(model) is not None:
+    if tuner is not None:
         view.reset()
     try:
         with view.local_mode():
             logs = inner_loop(model, view, batches, lr=lr, optimizer=optimizer, task=task, fresh=True)
     finally:
         model.train(was_training)
-    if abmll_tuner(model) is not None:
-        abmll_tuner(model).set_posterior("local")
+    if tuner is not None:
+        tuner.set_posterior("local")
     return logs
 
 
 @contextlib.contextmanager
-def adaptation_scope(model: nn.Module):
+def adaptation_scope(model: nn.Module) -> Iterator[None]:
     """Undo any adaptation made inside the block (ABMLL: back to the global posterior)."""
     tuner = abmll_tuner(model)
-    snapshot = None if tuner is not None else SnapshotView(model)
-    posterior = tuner.peft_config[tuner.active_adapters[0]].posterior if tuner is not None else None
+    if tuner is None:
+        snapshot = SnapshotView(model)
+        try:
+            yield
+        finally:
+            snapshot.restore()
+        return
+    posterior = tuner.abmll_config().posterior
     try:
         yield
     finally:
-        if tuner is not None:
-            tuner.set_posterior(posterior)
-            tuner.set_trainable_posterior(posterior)
-            tuner.reset_local_to_global()
-        else:
-            snapshot.restore()
+        tuner.set_posterior(posterior)
+        tuner.set_trainable_posterior(posterior)
+        tuner.reset_local_to_global()
 
 
 @torch.no_grad()
@@ -167,7 +175,7 @@ def _num_samples(model: nn.Module, num_samples: Optional[int]) -> int:
     tuner = abmll_tuner(model)
     if tuner is None:
         return 1
-    config = tuner.peft_config[tuner.active_adapters[0]]
+    config = tuner.abmll_config()
     if num_samples is None:
         return config.num_samples if config.predictive_mode == "sample" else 1
     if num_samples < 1:
@@ -182,7 +190,7 @@ def _letter_probs(
     sample_mode = tuner is not None and (samples > 1 or _predictive_sample(tuner))
     total = torch.zeros(mask.shape)
     for s in range(samples):
-        scope = tuner.posterior_sample(s) if sample_mode else contextlib.nullcontext()
+        scope = tuner.posterior_sample(s) if tuner is not None and sample_mode else contextlib.nullcontext()
         with scope:
             logits = model(**batch).logits
         rows = logits[torch.arange(len(last)), last][:, letter_ids.to(logits.device)].float().cpu()
@@ -190,8 +198,8 @@ def _letter_probs(
     return total / samples
 
 
-def _predictive_sample(tuner: Any) -> bool:
-    return tuner.peft_config[tuner.active_adapters[0]].predictive_mode == "sample"
+def _predictive_sample(tuner: ABMLLModel) -> bool:
+    return tuner.abmll_config().predictive_mode == "sample"
 
 
 def save_adapted(model: nn.Module, path: Union[str, Path]) -> Path:
@@ -199,7 +207,7 @@ def save_adapted(model: nn.Module, path: Union[str, Path]) -> Path:
     tuner = abmll_tuner(model)
     if tuner is None:
         raise TypeError("save_adapted needs an ABMLL PeftModel; for other models use save_pretrained.")
-    model.save_pretrained(str(path))
+    cast(PeftModel, model).save_pretrained(str(path))  # an ABMLL tuner lives inside a PeftModel
     return Path(path)
 
 

@@ -1,15 +1,12 @@
 """The paper's baselines in the same harness, data and step budget as ABMLL.
 
-==================  ==========================================================================
-method              what trains
-==================  ==========================================================================
-``pretrained``      nothing; a fresh identity LoRA adapter is added so the test-time 5-step
-                    adaptation has something to train
-``regular_lora``    plain PEFT LoRA, one optimizer step per batch, batches shuffled across tasks
-``structured_lora`` plain PEFT LoRA, task by task: K consecutive steps per task, no reset
-``reptile``         LoRA, K inner steps per task, outer interpolation (`MetaTrainer`, SGD)
-``abmll``           ABMLL (`MetaTrainer`)
-==================  ==========================================================================
+| method | what trains |
+| --- | --- |
+| ``pretrained`` | nothing; a fresh identity LoRA adapter gives the 5-step test-time adaptation something to train |
+| ``regular_lora`` | plain PEFT LoRA, one optimizer step per batch, batches shuffled across tasks |
+| ``structured_lora`` | plain PEFT LoRA, task by task: K consecutive steps per task, no reset |
+| ``reptile`` | LoRA, K inner steps per task, outer interpolation (`MetaTrainer`, SGD) |
+| ``abmll`` | ABMLL (`MetaTrainer`) |
 
 All of them see the same episodes (same tasks, examples and order for a given seed): an ABMLL or
 Reptile run of ``max_steps`` episodes makes ``max_steps * K`` inner steps of ``inner_batch_size``
@@ -76,6 +73,9 @@ class EpisodeBatchDataset(torch.utils.data.Dataset):
 
 class MultiTaskTrainer(Trainer):
     """A plain `Trainer` over the same support batches as `MetaTrainer` (regular or structured LoRA)."""
+
+    args: MetaTrainingArguments
+    train_dataset: EpisodeBatchDataset
 
     def __init__(
         self,
@@ -155,7 +155,7 @@ def train_method(
     abmll_config = abmll_config or ABMLLConfig()
     lora_config = lora_config or default_lora_config(abmll_config)
     if method == "abmll":
-        model = get_peft_model(base_model_fn(), abmll_config)
+        model: PeftModel = get_peft_model(base_model_fn(), abmll_config)
         MetaTrainer(
             model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, **trainer_kwargs
         ).train()

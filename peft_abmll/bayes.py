@@ -28,6 +28,7 @@ __all__ = [
     "log_gamma_precision",
     "log_normal",
     "lowrank_output_variance",
+    "lowrank_variance_factors",
 ]
 
 SCALE_TYPES = ("linear", "softplus")
@@ -46,7 +47,8 @@ def entry_variance(
     """Variance of every weight-update entry from a scale pair, in float32.
 
     Args:
-        A: ``(r, d_in)`` scale factor. B: ``(d_out, r)`` scale factor.
+        A: ``(r, d_in)`` scale factor.
+        B: ``(d_out, r)`` scale factor.
         scale_type: ``"linear"`` or ``"softplus"`` (see the module docstring).
         scaling: ``s = lora_alpha / r`` (used by ``linear`` only).
         floor: the constant ``c`` added to the standard deviation.
@@ -79,8 +81,10 @@ def lowrank_output_variance(
 
     With ``sigma = s B A + c`` and variance ``sigma**2 + c**2``:
 
-        variance = s**2 (BA)∘(BA) + 2 s c BA + 2 c**2
-        (BA)∘(BA) = sum_{k<=l} w_kl (B[:,k] B[:,l]) (A[k] A[l])      (w = 1 on the diagonal, 2 off it)
+    ```text
+    variance = s**2 (BA)∘(BA) + 2 s c BA + 2 c**2
+    (BA)∘(BA) = sum_{k<=l} w_kl (B[:,k] B[:,l]) (A[k] A[l])      (w = 1 on the diagonal, 2 off it)
+    ```
 
     The three terms are stacked into one ``(d_in, P)`` and one ``(P, d_out)`` factor with
     ``P = r (r+1) / 2 + r + 1``, so the cost is two thin matmuls: ``O(N P (d_in + d_out))``
@@ -94,7 +98,20 @@ def lowrank_output_variance(
     Returns:
         ``(..., d_out)`` float32 variances of the sampled part of the output (``>= 0``).
     """
-    A, B = A.float(), B.float()
+    A_stack, B_stack = lowrank_variance_factors(A, B, scaling=scaling, floor=floor)
+    return (x_sq.float() @ A_stack.T) @ B_stack.T
+
+
+def lowrank_variance_factors(
+    A: torch.Tensor, B: torch.Tensor, *, scaling: float, floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked factors with ``variance == A_stack.T``-free form ``B_stack @ A_stack`` (see above).
+
+    Returns:
+        ``A_stack: (P, d_in)`` and ``B_stack: (d_out, P)`` in float32, ``P = r (r+1) / 2 + r + 1``.
+    """
+    dtype = torch.promote_types(A.dtype, torch.float32)  # at least float32 (float64 stays float64)
+    A, B = A.to(dtype), B.to(dtype)
     k, l, weight = _pairs(A.shape[0], A.device)
     A_stack = torch.cat([A[k] * A[l], A, A.new_ones(1, A.shape[1])])
     B_stack = torch.cat(
@@ -105,7 +122,7 @@ def lowrank_output_variance(
         ],
         dim=1,
     )
-    return (x_sq.float() @ A_stack.T) @ B_stack.T
+    return A_stack, B_stack
 
 
 def gaussian_kl(mean_q: torch.Tensor, var_q: torch.Tensor, mean_p: torch.Tensor, var_p: torch.Tensor) -> torch.Tensor:

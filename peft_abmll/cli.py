@@ -143,7 +143,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.config:
         values = _read_config(Path(args.config))
-        subparser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparser = subparsers.choices[args.command]
         known = {a.dest for a in subparser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -214,7 +215,7 @@ def _use_cpu() -> bool:
 def abmll_config(args: argparse.Namespace) -> Any:
     from .tuner.config import ABMLLConfig
 
-    kwargs = {"r": getattr(args, "r", 8), "lora_alpha": getattr(args, "lora_alpha", 16)}
+    kwargs: dict[str, Any] = {"r": getattr(args, "r", 8), "lora_alpha": getattr(args, "lora_alpha", 16)}
     for name in ("target_modules", "beta", "scale_type", "sampling", "init_std"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
@@ -260,6 +261,9 @@ def cmd_train(args: argparse.Namespace) -> Path:
     train_tasks = resolve_tasks(args.tasks, args.max_choices)
     margs = meta_args(args, out)
     resume = args.resume
+    trainer_kwargs: dict[str, Any] = (
+        {"resume_from_checkpoint": True if resume == "latest" else resume} if resume else {}
+    )
     model = train_method(
         args.method,
         model_fn,
@@ -267,7 +271,7 @@ def cmd_train(args: argparse.Namespace) -> Path:
         train_tasks,
         margs,
         abmll_config(args),
-        **({"resume_from_checkpoint": True if resume == "latest" else resume} if resume else {}),
+        **trainer_kwargs,
     )
     adapter = out / "adapter"
     model.save_pretrained(str(adapter))

@@ -157,7 +157,7 @@ class TaskEncoder:
             raise ValueError("The tokenizer maps two option labels to the same first token; use option scoring.")
         return ids
 
-    def encode(self, example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = ()) -> dict[str, list[int]]:
+    def encode(self, example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
         """``input_ids`` and ``labels`` (-100 on the prompt), plus ``prompt_length``."""
         answer = self.answer_ids(example)
         prompt = self.prompt_ids(example, shots)
@@ -236,7 +236,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
     Args:
         tasks: output of `prepare_tasks`.
         encoder: the `TaskEncoder`.
-        support_batches / query_batches / batch_size: K, Q and the batch size (paper: 5, 0, 2).
+        support_batches: K, the support batches per episode (paper: 5).
+        query_batches: Q, the query batches per episode (paper: 0).
+        batch_size: examples per batch (paper: 2).
         num_shots: solved in-context examples in front of every prompt (drawn from the same task).
         seed: base seed of the example draws.
     """

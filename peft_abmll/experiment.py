@@ -79,7 +79,7 @@ def compare_methods(
     save_adapters: bool = True,
 ) -> dict[str, Any]:
     """Train each method with the same budget, evaluate all on the held-out tasks, write JSON and a diagram."""
-    out = Path(output_dir or args.output_dir)
+    out = Path(output_dir or args.output_dir or "trainer_output")
     encoder = TaskEncoder(tokenizer, max_length=args.max_length)
     results: dict[str, Any] = {"methods": {}, "settings": _settings(args, abmll_config)}
     curves = {}

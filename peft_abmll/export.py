@@ -23,17 +23,19 @@ from .tuner.layer import ABMLLLayer
 
 __all__ = ["export_lora", "to_lora_config", "to_lora_state_dict"]
 
-_BIAS = {"none": "none", "all": "all", "abmll_only": "lora_only"}
+_BIAS: dict[str, Literal["none", "all", "lora_only"]] = {"none": "none", "all": "all", "abmll_only": "lora_only"}
 
 
 def to_lora_config(config: ABMLLConfig) -> LoraConfig:
     """The `LoraConfig` whose adapter computes the same mean update as `config`'s ABMLL adapter."""
     return LoraConfig(
         r=config.r,
-        lora_alpha=config.lora_alpha,
+        # LoraConfig annotates lora_alpha as int but takes any number; a fractional alpha must stay exact
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=config.lora_dropout,
-        target_modules=copy.copy(config.target_modules),
-        exclude_modules=copy.copy(config.exclude_modules),
+        # LoraConfig annotates these as list | str, yet turns a list into a set itself and accepts one
+        target_modules=copy.copy(config.target_modules),  # type: ignore[arg-type]
+        exclude_modules=copy.copy(config.exclude_modules),  # type: ignore[arg-type]
         layers_to_transform=copy.copy(config.layers_to_transform),
         layers_pattern=copy.copy(config.layers_pattern),
         modules_to_save=copy.copy(config.modules_to_save),

@@ -36,7 +36,7 @@ CARD_FIELDS = (
     "predictive_mode",
     "num_samples",
 )
-_PIPELINES = {
+_PIPELINES: dict[Optional[str], tuple[Optional[str], str]] = {
     "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
     "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
     "TOKEN_CLS": ("token-classification", "AutoModelForTokenClassification"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from .peft_type import PREFIX, ABMLLPeftType
 from .tuner.config import ABMLLConfig
 from .tuner.model import ABMLLModel
@@ -17,10 +19,11 @@ def register() -> None:
     from peft import mapping
 
     key = ABMLLPeftType.ABMLL
-    tables = (
-        (mapping.PEFT_TYPE_TO_CONFIG_MAPPING, ABMLLConfig),
-        (mapping.PEFT_TYPE_TO_TUNER_MAPPING, ABMLLModel),
-        (mapping.PEFT_TYPE_TO_PREFIX_MAPPING, PREFIX),
+    # typed dict[PeftType, ...]: our key is a str enum of our own, which PEFT's lookups accept
+    tables: tuple[tuple[dict[Any, Any], type | str], ...] = (
+        (cast(dict[Any, Any], mapping.PEFT_TYPE_TO_CONFIG_MAPPING), ABMLLConfig),
+        (cast(dict[Any, Any], mapping.PEFT_TYPE_TO_TUNER_MAPPING), ABMLLModel),
+        (cast(dict[Any, Any], mapping.PEFT_TYPE_TO_PREFIX_MAPPING), PREFIX),
     )
     for table, value in tables:
         existing = table.get(key)
@@ -33,5 +36,5 @@ def register() -> None:
         table[key] = value
 
 
-def _qualname(obj: object) -> str:
-    return obj if isinstance(obj, str) else f"{obj.__module__}.{obj.__qualname__}"  # type: ignore[attr-defined]
+def _qualname(obj: type | str) -> str:
+    return obj if isinstance(obj, str) else f"{obj.__module__}.{obj.__qualname__}"

@@ -53,7 +53,8 @@ def test_fused_kl_matches_reference(spec, r, d_in, d_out, seed, block) -> None:
         fused.BLOCK_ENTRIES = previous
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
     for a, b in zip(_grads(got, q + p), _grads(ref, q + p)):
-        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-6)
+        # the fused path runs in float32: compare each gradient at float32 precision of its own scale
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-8)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.scale_type)
@@ -74,7 +75,7 @@ def test_fused_log_prior_matches_reference(spec, r, d_in, d_out, seed, a0, b0, m
     got = fused.fused_log_prior(p, spec, mean_std, a0, b0)
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-3)
     for a, b in zip(_grads(got, p), _grads(ref, p)):
-        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-4)
 
 
 def test_fused_kl_is_exactly_zero_for_equal_laws_and_skips_unneeded_grads() -> None:
@@ -92,3 +93,29 @@ def test_fused_kl_float32_inputs_give_float32_grads() -> None:
     kl = fused.fused_kl(q, p, SPECS[1])
     assert kl.dtype == torch.float32
     assert all(g.dtype == torch.float32 for g in torch.autograd.grad(kl, q))
+
+
+def test_lowrank_noise_gradcheck_and_matches_dense_law() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    A = (torch.randn(2, 5, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    B = (torch.randn(4, 2, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+
+    def noise(x, A, B):
+        A_stack, B_stack = bayes.lowrank_variance_factors(A, B, scaling=2.0, floor=1e-2)
+        return fused.lowrank_noise(x, A_stack, B_stack, seed=7)
+
+    assert torch.autograd.gradcheck(noise, (x, A, B))
+    # same seed, same draw: |noise| is the exact per-unit std sqrt(x^2 @ var.T) times |eps|
+    var = bayes.entry_variance(A, B, scale_type="linear", scaling=2.0, floor=1e-2).double()
+    eps = fused._seeded_normal((2, 3, 4), 7, x)
+    torch.testing.assert_close(noise(x, A, B), (x.square() @ var.T).sqrt() * eps, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_noise_gradcheck() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    std = torch.rand(4, 5, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, s: fused.weight_noise(x, s, seed=3), (x, std))
+    eps = fused._seeded_normal((4, 5), 3, x)
+    torch.testing.assert_close(fused.weight_noise(x, std, 3), x @ (std * eps).T)

@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -105,7 +105,7 @@ def detect_layout(columns: Sequence[str], class_names: Sequence[str] | None = No
     return layout
 
 
-def _fail(columns: list[str], why: str) -> None:
+def _fail(columns: list[str], why: str) -> NoReturn:
     raise ValueError(
         f"Cannot map columns {columns} to the task format (task, question, context, choices, label): {why}. "
         "Known layouts: question + choices(list) + label(int); options + answer (text/letter); ARC-style "

@@ -52,13 +52,13 @@ def abmll_tuner(model: nn.Module) -> Optional[ABMLLModel]:
 class ABMLLView:
     """Global / local pairs of an ABMLL adapter."""
 
-    def __init__(self, model: PeftModel, beta: Optional[float] = None) -> None:
+    def __init__(self, model: nn.Module, beta: Optional[float] = None) -> None:
         self.model = model
-        self.tuner = abmll_tuner(model)
-        if self.tuner is None:
+        tuner = abmll_tuner(model)
+        if tuner is None:
             raise TypeError("ABMLLView needs a PeftModel with an ABMLL adapter (get_peft_model(..., ABMLLConfig())).")
-        config = self.tuner.peft_config[self.tuner.active_adapters[0]]
-        self.beta = config.beta if beta is None else beta
+        self.tuner: ABMLLModel = tuner
+        self.beta = tuner.abmll_config().beta if beta is None else beta
 
     def global_params(self) -> list[nn.Parameter]:
         return self.tuner.global_parameters()
@@ -72,7 +72,7 @@ class ABMLLView:
     @contextlib.contextmanager
     def local_mode(self) -> Iterator[None]:
         """Forward uses (and training moves) only the local posterior inside the block."""
-        previous = self.tuner.peft_config[self.tuner.active_adapters[0]].posterior
+        previous = self.tuner.abmll_config().posterior
         self.tuner.set_posterior("local")
         self.tuner.set_trainable_posterior("local")
         try:

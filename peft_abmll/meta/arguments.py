@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -68,7 +69,9 @@ class MetaTrainingArguments(TrainingArguments):
         self.remove_unused_columns = False
         if self.gradient_checkpointing:
             # reentrant checkpointing silently yields None gradients for autograd.grad-driven inner loops
-            kwargs = dict(self.gradient_checkpointing_kwargs or {})
+            raw = self.gradient_checkpointing_kwargs or {}
+            # a JSON string from the command line: transformers parses it only in super().__post_init__
+            kwargs = dict(json.loads(raw) if isinstance(raw, str) else raw)
             if kwargs.get("use_reentrant", False):
                 raise ValueError(
                     "MetaTrainer needs gradient_checkpointing_kwargs={'use_reentrant': False}: reentrant "

@@ -1,11 +1,13 @@
 """`MetaTrainer`: transformers' `Trainer` with ABMLL's per-task inner loop and global update.
 
-One Trainer step = one task episode::
+One Trainer step = one task episode:
 
-    local <- global                                          (reset)
-    K inner steps on the local pairs: NLL + beta * KL         (own fresh optimizer, global frozen)
-    global update through the Trainer's optimizer:
-        beta * KL(q_local || p_global) - beta * log p(global) (+ first-order query NLL gradient)
+```text
+local <- global                                          (reset)
+K inner steps on the local pairs: NLL + beta * KL         (own fresh optimizer, global frozen)
+global update through the Trainer's optimizer:
+    beta * KL(q_local || p_global) - beta * log p(global) (+ first-order query NLL gradient)
+```
 
 Everything else is the Trainer's: progress bars, callbacks, logging, gradient accumulation (tasks
 per global update), mixed precision, checkpointing and exact resume, `save_model`, `push_to_hub`.
@@ -45,14 +47,17 @@ class MetaTrainer(Trainer):
     Args:
         model: a PeftModel with an ABMLL adapter (or a LoRA adapter for ``meta_algorithm="reptile"``).
         args: `MetaTrainingArguments`.
-        train_dataset / eval_dataset: task-format data (a `datasets.Dataset` with columns ``task``,
-            ``question``, ``choices``, ``label`` [, ``context``], or a dict task name -> Dataset).
-            Evaluation uses held-out tasks: adapt on support batches, predict the rest.
+        train_dataset: task-format data (a `datasets.Dataset` with columns ``task``, ``question``,
+            ``choices``, ``label`` [, ``context``], or a dict task name -> Dataset).
+        eval_dataset: held-out tasks in the same format. Evaluation adapts on support batches of each
+            task and predicts the rest.
         processing_class: the tokenizer.
         **kwargs: anything else `Trainer` takes (callbacks, optimizers, ...).
     """
 
     loss_is_scaled_for_ga = False
+    args: MetaTrainingArguments
+    train_dataset: Optional[EpisodeDataset]
 
     def __init__(
         self,
@@ -112,6 +117,8 @@ class MetaTrainer(Trainer):
     # --------------------------------------------------------------------------------- data
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if dataset is None:
+            raise ValueError("MetaTrainer: training requires a train_dataset of tasks.")
         return EpisodeSampler(len(dataset), seed=_data_seed(self.args))
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:

@@ -34,11 +34,13 @@ class ABMLLConfig(PeftConfig):
     (reparameterised, so gradients flow); in eval mode it uses the mean (deterministic, equal to
     the merged weights) or a seeded sample. See ``docs/method.md`` for the math.
 
-    Example::
+    Example:
+        ```python
+        import peft_abmll  # registers ABMLL with PEFT
+        from peft import get_peft_model
 
-        >>> import peft_abmll  # registers ABMLL with PEFT
-        >>> from peft import get_peft_model
-        >>> model = get_peft_model(base_model, peft_abmll.ABMLLConfig(r=8, lora_alpha=16))
+        model = get_peft_model(base_model, peft_abmll.ABMLLConfig(r=8, lora_alpha=16))
+        ```
     """
 
     r: int = field(default=8, metadata={"help": "Rank of every low-rank factor pair (like LoRA's `r`)."})
@@ -49,7 +51,7 @@ class ABMLLConfig(PeftConfig):
     lora_dropout: float = field(
         default=0.0, metadata={"help": "Dropout probability on the adapter's input (as in LoRA); 0 disables it."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: Optional[Union[list[str], set[str], str]] = field(
         default=None,
         metadata={
             "help": "Names (suffix match) or a regex of the modules to adapt. Default: the query, value and output "
@@ -58,7 +60,7 @@ class ABMLLConfig(PeftConfig):
             "linear layer except the output head."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: Optional[Union[list[str], set[str], str]] = field(
         default=None, metadata={"help": "Names (suffix match) or a regex of modules never to adapt."}
     )
     layers_to_transform: Optional[Union[list[int], int]] = field(

@@ -1,11 +1,13 @@
 """The Bayesian LoRA layer: four low-rank pairs per adapter, reparameterised sampling, closed-form KL.
 
-Per adapter name the layer holds (``A: (r, d_in)``, ``B: (d_out, r)``)::
+Per adapter name the layer holds (``A: (r, d_in)``, ``B: (d_out, r)``):
 
-    global mean   abmll_global_mean_A / _B     mu_theta    = s * B @ A
-    global scale  abmll_global_scale_A / _B    sigma_theta = scale(B @ A)
-    local mean    abmll_local_mean_A / _B      mu_phi      = s * B @ A
-    local scale   abmll_local_scale_A / _B     sigma_phi   = scale(B @ A)
+```text
+global mean   abmll_global_mean_A / _B     mu_theta    = s * B @ A
+global scale  abmll_global_scale_A / _B    sigma_theta = scale(B @ A)
+local mean    abmll_local_mean_A / _B      mu_phi      = s * B @ A
+local scale   abmll_local_scale_A / _B     sigma_phi   = scale(B @ A)
+```
 
 The *active posterior* (``"global"`` or ``"local"``) is what the forward pass, merging and export use.
 """
@@ -38,6 +40,17 @@ class ABMLLLayer(BaseTunerLayer):
 
     adapter_layer_names = POSTERIOR_PAIRS["global"] + POSTERIOR_PAIRS["local"]
     other_param_names = ("r", "scaling", "abmll_dropout", "abmll_settings", "abmll_posterior")
+
+    # The eight factor dicts (adapter name -> parameter), created in __init__ from `adapter_layer_names`.
+    abmll_global_mean_A: nn.ParameterDict
+    abmll_global_mean_B: nn.ParameterDict
+    abmll_global_scale_A: nn.ParameterDict
+    abmll_global_scale_B: nn.ParameterDict
+    abmll_local_mean_A: nn.ParameterDict
+    abmll_local_mean_B: nn.ParameterDict
+    abmll_local_scale_A: nn.ParameterDict
+    abmll_local_scale_B: nn.ParameterDict
+    training: bool  # provided by `torch.nn.Module`, which every concrete layer also subclasses
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -135,7 +148,7 @@ class ABMLLLayer(BaseTunerLayer):
                 getattr(self, name)[adapter_name].requires_grad_(wanted)
 
     # ----------------------------------------------------------------------------------- math
-    def posterior_factors(self, adapter_name: str, posterior: Optional[str] = None) -> tuple[torch.Tensor, ...]:
+    def posterior_factors(self, adapter_name: str, posterior: Optional[str] = None) -> tuple[nn.Parameter, ...]:
         """``(mean_A, mean_B, scale_A, scale_B)`` of a posterior (default: the active one)."""
         posterior = posterior or self.abmll_posterior[adapter_name]
         return tuple(getattr(self, n)[adapter_name] for n in POSTERIOR_PAIRS[posterior])
@@ -222,21 +235,21 @@ class ABMLLLayer(BaseTunerLayer):
         how examples are batched.
         """
         settings = self.abmll_settings[adapter_name]
-        if self.training and settings["sampling"] == "local":
-            # rescale rows so x**2 @ (s B A)**2 cannot overflow float32 for large inputs
-            row_max = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
-            var = bayes.lowrank_output_variance(
-                (x.float() / row_max).square(),
-                scale_A,
-                scale_B,
-                scaling=self.scaling[adapter_name],
-                floor=settings["floor"],
-            )
-            return row_max * var.clamp_min(1e-30).sqrt() * torch.randn_like(var)
-        generator = None if self.training else self._eval_generator(x.device, adapter_name)
+        x = x.float()
+        if self.training:
+            seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: seeded runs are reproducible
+            if settings["sampling"] == "local":
+                A_stack, B_stack = bayes.lowrank_variance_factors(
+                    scale_A, scale_B, scaling=self.scaling[adapter_name], floor=settings["floor"]
+                )
+                return fused.lowrank_noise(x, A_stack, B_stack, seed)
+            var = bayes.entry_variance(scale_A, scale_B, **_entry_kwargs(self._math_kwargs(adapter_name)))
+            return fused.weight_noise(x, var.sqrt(), seed)
         var = bayes.entry_variance(scale_A, scale_B, **_entry_kwargs(self._math_kwargs(adapter_name)))
-        eps = torch.randn(var.shape, device=var.device, dtype=var.dtype, generator=generator)
-        return F.linear(x.float(), var.sqrt() * eps)
+        eps = torch.randn(
+            var.shape, device=var.device, dtype=var.dtype, generator=self._eval_generator(x.device, adapter_name)
+        )
+        return F.linear(x, var.sqrt() * eps)
 
     def _eval_generator(self, device: torch.device, adapter_name: str) -> torch.Generator:
         """A generator seeded by (sample_seed, sample index, layer index): eval samples are reproducible."""

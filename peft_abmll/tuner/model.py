@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -73,7 +73,8 @@ class ABMLLModel(BaseTuner):
     tuner_layer_cls = ABMLLLayer
     target_module_mapping = TARGET_MODULES_MAPPING
 
-    def _prepare_adapter_config(self, peft_config: ABMLLConfig, model_config: dict) -> ABMLLConfig:
+    # PEFT only passes this tuner its own config type; BaseTuner annotates the generic PeftConfig.
+    def _prepare_adapter_config(self, peft_config: ABMLLConfig, model_config: dict) -> ABMLLConfig:  # type: ignore[override]
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
             if model_type not in self.target_module_mapping:
@@ -85,7 +86,7 @@ class ABMLLModel(BaseTuner):
             peft_config.target_modules = set(self.target_module_mapping[model_type])
         return peft_config
 
-    def _create_and_replace(
+    def _create_and_replace(  # type: ignore[override]  # PEFT passes an ABMLLConfig (see above)
         self,
         peft_config: ABMLLConfig,
         adapter_name: str,
@@ -105,6 +106,14 @@ class ABMLLModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     # ------------------------------------------------------------------------------- ABMLL verbs
+    def abmll_config(self, adapter_name: Optional[str] = None) -> ABMLLConfig:
+        """The `ABMLLConfig` of `adapter_name` (default: the first active adapter)."""
+        name = self.active_adapters[0] if adapter_name is None else adapter_name
+        config = self.peft_config[name]
+        if not isinstance(config, ABMLLConfig):
+            raise TypeError(f"Adapter {name!r} has a {type(config).__name__}, not an ABMLLConfig.")
+        return config
+
     def _abmll_layers(self, model: Optional[nn.Module] = None) -> Iterator[ABMLLLayer]:
         return (m for m in (model or self.model).modules() if isinstance(m, ABMLLLayer))
 
@@ -141,13 +150,13 @@ class ABMLLModel(BaseTuner):
                 if name in layer.abmll_global_mean_A:
                     layer.reset_local_to_global(name)
 
-    def set_posterior(self, posterior: str, adapter_name: Optional[str] = None) -> None:
+    def set_posterior(self, posterior: Literal["global", "local"], adapter_name: Optional[str] = None) -> None:
         """Use the "global" or "local" posterior in forward, merge and export (recorded in the config)."""
         for name in self._adapter_names(adapter_name):
             for layer in self._abmll_layers():
                 if name in layer.abmll_global_mean_A:
                     layer.set_posterior(name, posterior)
-            self.peft_config[name].posterior = posterior
+            self.abmll_config(name).posterior = posterior
 
     def set_trainable_posterior(self, which: str, adapter_name: Optional[str] = None) -> None:
         """Let only the "global", only the "local", "both" or "none" of the pairs receive gradients."""
@@ -165,7 +174,7 @@ class ABMLLModel(BaseTuner):
         return self._pair_parameters("local", adapter_name)
 
     def _pair_parameters(self, posterior: str, adapter_name: Optional[str]) -> list[nn.Parameter]:
-        params = []
+        params: list[nn.Parameter] = []
         for name in self._adapter_names(adapter_name):
             for layer in self._abmll_layers():
                 if name in layer.abmll_global_mean_A:
