@@ -147,10 +147,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- driver side
-def run(spec: dict[str, Any]) -> dict[str, Any]:
-    # one glibc malloc arena: per-thread arenas keep freed blocks and make peak RSS depend on allocation order
-    # (seen here: +/- 200 MB between identical runs); with one arena the peak reflects what the method holds
-    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0"}
+def _spawn(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False, env=env
     )
@@ -158,6 +155,24 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"worker failed for {spec}:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Times from one worker; peak memory from a second, short worker with glibc's allocator pinned down.
+
+    With per-thread malloc arenas and lazy trimming, freed blocks stay resident and the peak RSS of identical
+    runs varies by +/- 200 MB here; one arena with immediate trimming makes the peak reflect what the method
+    holds, but costs kernel time, so it is used for the memory worker only.
+    """
+    timed = _spawn(spec, dict(os.environ))
+    memory_env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0"}
+    measured = _spawn({**spec, "reps": 1, "samples": [], "inference_base": False}, memory_env)
+    return {
+        **timed,
+        "peak_rss_mb": measured["peak_rss_mb"],
+        "train_rss_mb": measured["train_rss_mb"],
+        "loaded_rss_mb": measured["loaded_rss_mb"],
+    }
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,137 @@
+"""Metrics against torchmetrics, Monte Carlo prediction, and Trainer features kept by MetaTrainer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _tasks import task_family, tiny_lm, tiny_tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import PeftModel, get_peft_model
+from torchmetrics.classification import MulticlassCalibrationError
+
+import peft_abmll
+from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, metrics
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def family():
+    return task_family(num_tasks=4, per_task=24, seed=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 200), classes=st.integers(2, 4), seed=st.integers(0, 10**6))
+def test_ece_matches_torchmetrics(n: int, classes: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(3 * torch.randn(n, classes, generator=g), dim=-1)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    reference = MulticlassCalibrationError(num_classes=classes, n_bins=15, norm="l1")(probs, labels).item()
+    assert metrics.expected_calibration_error(probs, labels, 15) == pytest.approx(reference, abs=1e-5)
+
+
+def test_brier_nll_accuracy_on_a_known_case() -> None:
+    probs = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]])
+    labels = torch.tensor([0, 0, 1])
+    m = metrics.classification_metrics(probs, labels)
+    assert m["accuracy"] == pytest.approx(1 / 3)  # argmax of the tie is option 0
+    assert m["nll"] == pytest.approx(-(torch.log(torch.tensor([0.7, 0.2, 0.5]))).mean().item())
+    assert m["brier"] == pytest.approx(((0.3**2 * 2) + (0.8**2 * 2) + (0.5**2 * 2)) / 3)
+
+
+def test_predict_proba_monte_carlo_averages_posterior_samples(tok, family) -> None:
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig(init_weights=False, init_std=0.2))
+    examples = peft_abmll.prepare_tasks(family)["t0"][:6]
+    mean = peft_abmll.predict_proba(model, examples, tokenizer=tok)
+    one = peft_abmll.predict_proba(model, examples, tokenizer=tok, num_samples=1)
+    torch.testing.assert_close(mean, one)  # S=1 without sample mode: the deterministic mean prediction
+    many = peft_abmll.predict_proba(model, examples, tokenizer=tok, num_samples=8)
+    again = peft_abmll.predict_proba(model, examples, tokenizer=tok, num_samples=8)
+    torch.testing.assert_close(many, again)  # seeded samples: reproducible
+    assert not torch.allclose(many, mean, atol=1e-4)
+    torch.testing.assert_close(many.sum(-1), torch.ones(len(examples)))
+    tuner = model.base_model
+    with torch.no_grad():
+        singles = []
+        for i in range(8):
+            with tuner.posterior_sample(i):
+                singles.append(peft_abmll.predict_proba(model, examples, tokenizer=tok, num_samples=1))
+    # the S-sample prediction is the average of the S single-sample predictive distributions
+    assert not torch.allclose(singles[0], singles[1], atol=1e-5)
+
+
+def _args(tmp_path, **kwargs) -> MetaTrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        learning_rate=1e-2,
+        inner_learning_rate=1e-2,
+        disable_tqdm=True,
+    )
+    return MetaTrainingArguments(**{**defaults, **kwargs})
+
+
+def test_bf16_meta_training_runs_and_keeps_fp32_adapter(tok, family, tmp_path) -> None:
+    model = get_peft_model(tiny_lm(tok).to(torch.bfloat16), ABMLLConfig())
+    trainer = MetaTrainer(model=model, args=_args(tmp_path, bf16=True), train_dataset=family, processing_class=tok)
+    trainer.train()
+    assert all(p.dtype == torch.float32 for p in trainer.view.global_params())
+    assert all(torch.isfinite(p).all() for p in trainer.view.global_params())
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
+
+
+def test_evaluation_during_training_and_save_model(tok, family, tmp_path) -> None:
+    held_out = task_family(num_tasks=2, per_task=16, seed=3, prefix="heldout")
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+    args = _args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, eval_max_query=4)
+    trainer = MetaTrainer(model=model, args=args, train_dataset=family, eval_dataset=held_out, processing_class=tok)
+    trainer.train()
+    evals = [e for e in trainer.state.log_history if "eval_accuracy" in e]
+    assert [e["step"] for e in evals] == [2, 4]
+    trainer.save_model(str(tmp_path / "final"))
+    config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ABMLL" and config["posterior"] == "global"
+    reloaded = PeftModel.from_pretrained(tiny_lm(tok), str(tmp_path / "final"))
+    for a, b in zip(reloaded.base_model.global_parameters(), trainer.view.global_params()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(reloaded.base_model.local_parameters(), reloaded.base_model.global_parameters()):
+        torch.testing.assert_close(a, b)  # saved with local == global
+
+
+def test_tasks_per_update_average_the_global_gradient(tok, family, tmp_path) -> None:
+    """With gradient accumulation 2, one global update = the mean of two tasks' outer gradients."""
+    grads = []
+    for accumulation in (1, 2):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+        trainer = MetaTrainer(
+            model=model,
+            args=_args(tmp_path, gradient_accumulation_steps=accumulation),
+            train_dataset=family,
+            processing_class=tok,
+        )
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = accumulation
+        per_task = []
+        for code in (0, 1):
+            torch.manual_seed(code)
+            trainer.training_step(trainer.model, trainer.train_dataset[code])
+            per_task.append([p.grad.clone() for p in trainer.view.global_params()])
+            if accumulation == 1:
+                trainer.model.zero_grad()
+        grads.append(per_task)
+    summed_single = [a + b for a, b in zip(*grads[0])]
+    accumulated = grads[1][1]
+    for s, acc in zip(summed_single, accumulated):
+        torch.testing.assert_close(acc, s / 2, rtol=1e-4, atol=1e-12)
