@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="Fetch SmolLM2 + BIG-bench, meta-train ABMLL, compare with baselines.")
     _common(demo)
-    demo.add_argument("--steps", type=int, default=40, help="Training episodes per method.")
+    demo.add_argument(
+        "--steps", type=int, default=None, help="Training episodes per method (default: 30; 4 with --quick)."
+    )
     demo.add_argument(
         "--methods",
         nargs="+",
@@ -142,13 +144,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        values = _read_config(Path(args.config))
+        import yaml
+
+        try:
+            values = _read_config(Path(args.config))
+        except (OSError, ValueError, yaml.YAMLError) as err:  # YAMLError: also python/object tags, refused
+            parser.error(f"cannot read config {args.config}: {err}")
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         subparser = subparsers.choices[args.command]
-        known = {a.dest for a in subparser._actions}
-        unknown = sorted(set(values) - known)
+        actions = {a.dest: a for a in subparser._actions if a.option_strings and a.dest not in ("help", "config")}
+        unknown = sorted(set(values) - set(actions))
         if unknown:
             parser.error(f"unknown option(s) in {args.config}: {', '.join(unknown)}")
+        for dest, value in values.items():
+            action = actions[dest]
+            if action.nargs in ("+", "*") and isinstance(value, str):
+                values[dest] = value = [value]  # `tasks: snarks` means one task, not its letters
+            if action.choices is not None and value is not None:  # argparse does not check defaults
+                bad = [v for v in (value if isinstance(value, list) else [value]) if v not in action.choices]
+                if bad:
+                    parser.error(f"{dest} in {args.config}: invalid choice {bad[0]!r} (choose from {action.choices})")
         subparser.set_defaults(**values)
         args = parser.parse_args(argv)
     return args
@@ -228,14 +243,14 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from .experiment import compare_methods, format_table, load_causal_lm, resolve_tasks
 
     out = Path(args.output_dir)
-    steps = 4 if args.quick else args.steps
+    steps = args.steps if args.steps is not None else 4 if args.quick else 30
     train_names = DEMO_TRAIN_TASKS[:6] if args.quick else DEMO_TRAIN_TASKS
     eval_names = DEMO_EVAL_TASKS[:2] if args.quick else DEMO_EVAL_TASKS
     print(f"abmll demo: fetching assets (SmolLM2-135M-Instruct, {len(train_names) + len(eval_names)} BIG-bench tasks)")
     model_fn, tokenizer = load_causal_lm(args.model, args.dtype)
     train_tasks = resolve_tasks(train_names, args.max_choices)
     eval_tasks = resolve_tasks(eval_names, args.max_choices)
-    max_query = args.max_query or (8 if args.quick else 40)
+    max_query = args.max_query or (8 if args.quick else 32)
     margs = meta_args(
         args, out, max_steps=steps, learning_rate=1e-3, inner_learning_rate=1e-3, eval_max_query=max_query
     )

@@ -25,6 +25,7 @@ from .metrics import plot_reliability_diagram
 from .tuner.config import ABMLLConfig
 
 logger = logging.getLogger("peft_abmll")
+TASK_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".pq")
 
 
 def resolve_tasks(specs: Sequence[str], max_choices: int = 4) -> dict[str, Dataset]:
@@ -37,6 +38,8 @@ def resolve_tasks(specs: Sequence[str], max_choices: int = 4) -> dict[str, Datas
             dataset = load_task_file(spec, max_choices=max_choices)
         elif spec.startswith("hf:"):
             dataset = load_hub_task(spec[3:], max_choices=max_choices)
+        elif Path(spec).suffix.lower() in TASK_FILE_SUFFIXES:  # not a BIG-bench name (those have no dot)
+            raise FileNotFoundError(f"Task file {spec!r} not found.")
         else:
             dataset = load_bigbench_task(spec, max_choices=max_choices)
         for name in sorted(set(dataset["task"])):

@@ -80,10 +80,16 @@ def plot_reliability_diagram(
         bins = calibration_bins(probs, labels, n_bins)
         used = bins["count"] > 0
         ece = expected_calibration_error(probs, labels, n_bins)
-        ax.plot(
-            bins["confidence"][used].cpu(), bins["accuracy"][used].cpu(), marker="o", label=f"{name} (ECE {ece:.3f})"
-        )
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram")
+        conf, acc, count = (bins[k][used].cpu() for k in ("confidence", "accuracy", "count"))
+        (line,) = ax.plot(conf, acc, alpha=0.6, label=f"{name} (ECE {ece:.3f}, n={int(count.sum())})")
+        ax.scatter(conf, acc, s=20 + 180 * count / count.max(), color=line.get_color(), alpha=0.8)
+    ax.set(
+        xlabel="confidence (marker area: examples in the bin)",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title="Reliability diagram",
+    )
     ax.legend(loc="upper left", fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

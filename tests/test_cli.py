@@ -1,0 +1,334 @@
+"""The `abmll` command end to end, in-process through `peft_abmll.cli.main`, on tiny fake assets built here:
+a word-level tokenizer + tiny random Llama saved to a folder, a BIG-bench-layout ``.tar.gz`` served as the cached
+archive under ``$ABMLL_CACHE``, and a local JSONL task file."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+import types
+from pathlib import Path
+
+import pytest
+from _models import run_python
+from _tasks import tiny_lm, tiny_tokenizer
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peft_abmll import cli
+
+NOUNS = ["cat", "dog", "fish", "bird", "cow", "sun", "moon", "star", "tree", "rock"]
+COLOURS = ["red", "blue", "green", "black", "white"]
+PER_TASK = 30
+# BIG-bench-layout tasks: name -> number of options ("animals" is a parent whose two subtasks hold the examples)
+FAKE_BIGBENCH = {"colours": 3, "animals/one": 2, "animals/two": 3, "held_out": 3, "held_two": 2}
+TRAIN = ["colours", "animals"]
+HELD_OUT = ["held_out", "held_two"]
+FAST = ["--max-query", "4", "--adapt-steps", "2", "--inner-steps", "2"]  # small support sets and inner loops
+
+
+# ----------------------------------------------------------------------------------------------- fake assets
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _examples(seed: int, options: int) -> list[dict]:
+    """`PER_TASK` seeded multiple-choice examples: ``question``, ``choices``, ``label``."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(PER_TASK):
+        choices = rng.sample(COLOURS, options)
+        out.append({"question": f"the {rng.choice(NOUNS)} is", "choices": choices, "label": rng.randrange(options)})
+    return out
+
+
+def _make_archive(path: Path) -> Path:
+    """A ``bigbench-1.0.0.tar.gz`` in the sdist layout holding the `FAKE_BIGBENCH` multiple-choice tasks."""
+    members = {"bigbench-1.0.0/README.md": b"fake"}
+    tasks: dict[str, dict] = {"animals": {"name": "animals", "description": "parent of subtasks"}}
+    for seed, (name, options) in enumerate(FAKE_BIGBENCH.items()):
+        examples = [
+            {"input": e["question"], "target_scores": {c: float(i == e["label"]) for i, c in enumerate(e["choices"])}}
+            for e in _examples(seed, options)
+        ]
+        tasks[name] = {"name": name, "task_prefix": "Pick a colour.\n", "examples": examples}
+    for name, task in tasks.items():
+        members[f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json"] = json.dumps(task).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory):
+    """Model folder, local task file and a ``$ABMLL_CACHE`` whose cached BIG-bench archive is the fake one."""
+    root = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as mp:
+        cache = root / "cache"
+        mp.setenv("ABMLL_CACHE", str(cache))
+        _make_archive(cache / "downloads" / "bigbench-1.0.0.tar.gz")  # where `bigbench_archive()` looks
+        model = root / "tiny-llama"
+        tokenizer = tiny_tokenizer()
+        tiny_lm(tokenizer).save_pretrained(model)
+        tokenizer.save_pretrained(model)  # next to the weights: AutoTokenizer.from_pretrained(model) works
+        local = root / "local_words.jsonl"
+        local.write_text("".join(json.dumps(e) + "\n" for e in _examples(99, 2)))
+        yield types.SimpleNamespace(root=root, model=str(model), local=str(local), cache=cache)
+
+
+def test_fake_assets_load(fake) -> None:
+    from peft_abmll.experiment import load_causal_lm, resolve_tasks
+
+    loaded, reference = AutoTokenizer.from_pretrained(fake.model), tiny_tokenizer()
+    text = "Question: the cat is\nAnswer: B)"
+    assert loaded(text)["input_ids"] == reference(text)["input_ids"] and loaded.pad_token == "[PAD]"
+    model_fn, _ = load_causal_lm(fake.model)
+    assert model_fn() is not model_fn()  # fresh copies
+    tasks = resolve_tasks([*TRAIN, fake.local])
+    assert {n: len(d) for n, d in tasks.items()} == {"colours": 30, "animals": 60, "local_words": 30}
+
+
+# ----------------------------------------------------------------------------------------------- round trip
+def test_train_evaluate_adapt_round_trip(fake, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    args = ["--model", fake.model, "--output-dir", str(out), "--steps", "3", "--eval-tasks", "held_out", *FAST]
+    assert cli.main(["train", "--tasks", *TRAIN, fake.local, *args]) == 0
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ABMLL" and config["posterior"] == "global"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "tokenizer.json").is_file()
+    printed = capsys.readouterr().out
+    assert f"Adapter saved to {adapter}" in printed
+    assert "held_out" in printed and "macro" in printed  # --eval-tasks report
+    assert json.loads((out / "evaluate_results.json").read_text())["per_task"]["held_out"]["n"] == 4
+
+    ev = tmp_path / "eval"
+    evaluate = ["evaluate", "--model", fake.model, "--adapter", str(adapter), "--output-dir", str(ev)]
+    assert cli.main([*evaluate, "--tasks", *HELD_OUT, fake.local, "--max-query", "4", "--adapt-steps", "2"]) == 0
+    results = json.loads((ev / "evaluate_results.json").read_text())
+    assert sorted(results["per_task"]) == ["held_out", "held_two", "local_words"]
+    assert all(m["n"] == 4 and 0 <= m["accuracy"] <= 1 for m in results["per_task"].values())
+    assert 0 <= results["macro"]["ece"] <= 1 and results["macro"]["nll"] > 0
+    assert (ev / "evaluate_reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["task", "accuracy", "ECE", "NLL", "n"]
+    assert [line.split()[0] for line in printed[1:]] == ["held_out", "held_two", "local_words", "macro"]
+    assert float(printed[-1].split()[1]) == pytest.approx(results["macro"]["accuracy"], abs=1e-3)
+
+    adapted = out / "adapted"
+    adapt = ["adapt", "--model", fake.model, "--adapter", str(adapter), "--task", "held_out", "--support", "10"]
+    assert cli.main([*adapt, "--adapt-steps", "3", "--save-to", str(adapted)]) == 0
+    assert "Adapted on 10 examples (final NLL" in capsys.readouterr().out
+    config = json.loads((adapted / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ABMLL" and config["posterior"] == "local"
+    before, after = load_file(adapter / "adapter_model.safetensors"), load_file(adapted / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and any("abmll_local_mean_A" in k for k in before)
+    assert all(before[k].equal(after[k]) for k in before if "abmll_global_" in k)  # the meta-learned prior is kept
+    assert any(not before[k].equal(after[k]) for k in before if "abmll_local_" in k)  # the posterior moved
+
+    # a fresh interpreter: `import peft_abmll` is all PeftModel.from_pretrained needs, and the local posterior is used
+    result = run_python(
+        f"""
+import torch, peft_abmll
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+ids, logits = torch.tensor([[5, 6, 7, 8, 9]]), {{}}
+for name in ("adapter", "adapted"):
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({fake.model!r}), {str(out)!r} + "/" + name)
+    assert type(model.base_model).__name__ == "ABMLLModel", type(model.base_model)
+    logits[name] = model.eval()(ids).logits
+print(model.peft_config["default"].posterior, (logits["adapter"] - logits["adapted"]).abs().max().item())
+"""
+    )
+    posterior, change = result.stdout.split()[-2:]
+    assert posterior == "local" and float(change) > 0
+
+
+@pytest.mark.parametrize("method", ["regular_lora", "reptile"])
+def test_train_baselines(fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """Both baselines train through `abmll train`; reptile takes model and tasks from a --config file whose
+    method and step budget the command line overrides."""
+    from peft_abmll import baselines
+
+    calls = []
+    real = baselines.train_method
+    monkeypatch.setattr(baselines, "train_method", lambda m, *a, **k: calls.append((m, a[2], a[3])) or real(m, *a, **k))
+    out = tmp_path / method
+    argv = ["train", "--method", method, "--steps", "3", "--output-dir", str(out), *FAST]
+    if method == "reptile":
+        config = {"model": fake.model, "tasks": [*TRAIN, fake.local], "method": "abmll", "steps": 500}
+        argv += ["--config", _write(tmp_path / "reptile.json", json.dumps(config))]
+    else:
+        argv += ["--model", fake.model, "--tasks", *TRAIN]
+    assert cli.main(argv) == 0
+    [(called, tasks, margs)] = calls
+    assert called == method and margs.max_steps == 3 and margs.inner_steps == 2
+    assert sorted(tasks) == sorted([*TRAIN, "local_words"] if method == "reptile" else TRAIN)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fake.model), str(out / "adapter"))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained away from LoRA's zero init
+    assert not list(out.glob("*_results.json"))  # no --eval-tasks: no evaluation
+
+
+def test_demo_quick(fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(cli, "DEMO_TRAIN_TASKS", (*TRAIN, fake.local))
+    monkeypatch.setattr(cli, "DEMO_EVAL_TASKS", tuple(HELD_OUT))
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--model", fake.model, "--steps", "2", "--max-query", "4", "--adapt-steps", "2"]
+    assert cli.main([*argv, "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Held-out tasks: held_out, held_two" in printed
+    lines = printed.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("method ")) :]
+    assert table[0].split() == ["method", "accuracy", "ECE", "NLL", "Brier", "train", "s"]
+    assert [line.split()[0] for line in table[1:4]] == ["pretrained", "regular_lora", "abmll"]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["pretrained", "regular_lora", "abmll"]
+    assert results["settings"]["max_steps"] == 2  # an explicit --steps wins over --quick's budget
+    assert all(sorted(r["per_task"]) == HELD_OUT for r in results["methods"].values())
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "abmll" / "adapter" / "adapter_config.json").read_text())["peft_type"] == "ABMLL"
+
+
+# ----------------------------------------------------------------------------------------------- --config
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_values_and_overrides(tmp_path: Path, suffix: str) -> None:
+    values = {
+        "model": "my-model",
+        "tasks": ["a", "b/c"],
+        "steps": 7,
+        "learning-rate": 0.01,
+        "first_order": True,
+        "method": "reptile",
+        "target-modules": ["q_proj"],
+    }
+    text = json.dumps(values) if suffix == ".json" else "\n".join(f"{k}: {json.dumps(v)}" for k, v in values.items())
+    config = _write(tmp_path / f"c{suffix}", text)
+    args = cli.parse_args(["train", "--config", config])
+    assert (args.model, args.tasks, args.steps, args.learning_rate) == ("my-model", ["a", "b/c"], 7, 0.01)
+    assert args.first_order is True and args.method == "reptile" and args.target_modules == ["q_proj"]
+    assert args.seed == 0  # not in the file: the parser default
+    args = cli.parse_args(["train", "--config", config, "--steps", "3", "--tasks", "z", "--method", "abmll"])
+    assert (args.steps, args.tasks, args.method, args.model) == (3, ["z"], "abmll", "my-model")
+
+
+def test_config_scalars_are_parsed_like_flags(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.yaml", "tasks: snarks\nlearning_rate: 1e-3\nsteps: '5'\n")  # YAML: 1e-3 is a str
+    args = cli.parse_args(["train", "--config", config])
+    assert args.tasks == ["snarks"] and args.learning_rate == 1e-3 and args.steps == 5
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "bad"),
+    [
+        ("train", "steps: 3\nstepz: 4\n", "stepz"),
+        ("train", "adapter: some/folder\n", "adapter"),  # an option of another subcommand
+        ("evaluate", '{"tasks": ["x"], "support": 5}', "support"),
+    ],
+)
+def test_config_unknown_keys(tmp_path: Path, capsys: pytest.CaptureFixture, command: str, text: str, bad: str) -> None:
+    config = _write(tmp_path / ("c.json" if text.startswith("{") else "c.yaml"), text)
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--config", config])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unknown option(s) in {config}: {bad}" in err
+
+
+def _refused(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run `argv` through `cli.main`, expect argparse's usage error (exit 2), return its stderr."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_config_bad_values(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = _write(tmp_path / "c.yaml", "method: nonsense\n")
+    assert "method in " + config + ": invalid choice 'nonsense'" in _refused(capsys, ["train", "--config", config])
+    config = _write(tmp_path / "c.yaml", "steps: [1\n")
+    assert f"cannot read config {config}: while parsing" in _refused(capsys, ["train", "--config", config])
+    config = _write(tmp_path / "c.json", "{'steps': 3}")
+    assert f"cannot read config {config}: Expecting property name" in _refused(capsys, ["train", "--config", config])
+    missing = str(tmp_path / "missing.yaml")
+    assert f"cannot read config {missing}: [Errno 2]" in _refused(capsys, ["train", "--config", missing])
+    with pytest.raises(SystemExit, match=r"c\.yaml must hold a mapping"):
+        cli.main(["train", "--config", _write(tmp_path / "c.yaml", "- a\n- b\n")])
+
+
+def test_config_yaml_python_tags_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "pwned"
+    for payload in (
+        f"!!python/object/apply:os.system [{json.dumps(f'touch {marker}')}]",
+        f"!!python/object/apply:subprocess.check_call [[touch, {json.dumps(str(marker))}]]",
+        f"!!python/object/new:pathlib.Path [{json.dumps(str(marker))}]",
+    ):
+        config = _write(tmp_path / "evil.yaml", f"model: {payload}\n")
+        err = _refused(capsys, ["train", "--config", config, "--tasks", "x"])
+        assert f"cannot read config {config}: could not determine a constructor for the tag" in err
+        assert "python/object" in err and not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------- help, errors
+@pytest.mark.parametrize("command", [None, "demo", "train", "evaluate", "adapt"])
+def test_help_mentions_every_option(command: str | None, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"] if command else ["--help"])
+    assert info.value.code == 0
+    printed = capsys.readouterr().out
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    target = sub.choices[command] if command else parser
+    options = [s for a in target._actions for s in a.option_strings]
+    assert options and [o for o in options if o not in printed] == []
+    if command is None:
+        assert all(name in printed for name in ("demo", "train", "evaluate", "adapt"))
+    else:
+        assert len([a for a in target._actions if a.help]) == len(target._actions)  # every option documented
+
+
+def test_console_script() -> None:
+    """The installed ``abmll`` entry point runs `cli.main` (a fresh interpreter: a few seconds)."""
+    script = shutil.which("abmll")
+    assert script, "the abmll console script is not installed (pip install -e .)"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: abmll train") and "--eval-tasks" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train"], "give --tasks"),
+        (["evaluate"], "give --tasks"),
+        (["adapt", "--task", "x"], "give --adapter"),
+    ],
+)
+def test_missing_arguments(argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        cli.main(argv)
+
+
+def test_bad_task_specs(fake, tmp_path: Path) -> None:
+    from peft_abmll.experiment import resolve_tasks
+
+    with pytest.raises(ValueError, match="Unknown BIG-bench task 'nope'"):
+        resolve_tasks(["nope"])
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
+        resolve_tasks([str(tmp_path / "missing.jsonl")])
+    with pytest.raises(FileNotFoundError, match=r"gone\.csv"):
+        cli.main(["train", "--model", fake.model, "--tasks", "colours", "gone.csv"])
