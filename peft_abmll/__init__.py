@@ -16,6 +16,7 @@ from .data import TaskEncoder, format_prompt, prepare_tasks  # noqa: E402
 from .export import export_lora  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
 from .meta import MetaTrainer, MetaTrainingArguments, NonFiniteLossError  # noqa: E402
+from .safety import allow_pickle, save_pretrained_atomic  # noqa: E402
 
 __all__ = [
     "ABMLLConfig",
@@ -29,6 +30,7 @@ __all__ = [
     "__version__",
     "adapt",
     "adaptation_scope",
+    "allow_pickle",
     "evaluate_tasks",
     "export_lora",
     "format_prompt",
@@ -37,4 +39,5 @@ __all__ = [
     "push_to_hub",
     "register",
     "save_adapted",
+    "save_pretrained_atomic",
 ]

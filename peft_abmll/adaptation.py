@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,7 +23,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from .data import TaskData, TaskEncoder, prepare_tasks
+from .data import TaskData, TaskEncoder, prepare_tasks, seeded_torch_rng
 from .meta.algorithms import SnapshotView, abmll_tuner, inner_loop, make_view
 from .metrics import classification_metrics, plot_reliability_diagram
 from .tuner.model import ABMLLModel
@@ -207,7 +208,9 @@ def save_adapted(model: nn.Module, path: Union[str, Path]) -> Path:
     tuner = abmll_tuner(model)
     if tuner is None:
         raise TypeError("save_adapted needs an ABMLL PeftModel; for other models use save_pretrained.")
-    cast(PeftModel, model).save_pretrained(str(path))  # an ABMLL tuner lives inside a PeftModel
+    from .safety import save_pretrained_atomic  # late: safety imports the tuner
+
+    save_pretrained_atomic(cast(PeftModel, model), path)  # an interrupted save keeps the previous folder
     return Path(path)
 
 
@@ -231,52 +234,105 @@ def evaluate_tasks(
     seed: int = 0,
     output_dir: Optional[Union[str, Path]] = None,
     name: str = "model",
+    accelerator: Any = None,
 ) -> dict[str, Any]:
     """Held-out-task protocol: per task adapt on `support_batches` x `batch_size` examples, predict the rest.
 
-    Every adaptation is undone before the next task. Returns per-task and macro metrics (accuracy,
-    ECE, NLL, Brier) plus ``pooled`` metrics over all query examples; with `output_dir`, also writes
-    ``<name>_results.json`` and ``<name>_reliability.png``.
+    Every adaptation is undone before the next task. Each task's randomness (support order, training
+    noise of the adaptation) is seeded from (`seed`, task index in name order), so a task's result does
+    not depend on the other tasks or on the process that evaluates it. Returns per-task and macro
+    metrics (accuracy, ECE, NLL, Brier) plus ``pooled`` metrics over all query examples; with
+    `output_dir`, also writes ``<name>_results.json`` and ``<name>_reliability.png``.
+
+    With `accelerator` (an `accelerate.Accelerator` or `PartialState`) running N processes, every
+    process must call this: process ``p`` evaluates the tasks ``p, p + N, ...``, the per-task results
+    are gathered (``accelerate.utils.gather_object``), every process returns the same results (equal to
+    a single-process run), and only the main process writes files.
     """
     grouped = prepare_tasks(tasks, max_choices) if not _is_grouped(tasks) else tasks
     enc = _encoder(tokenizer, encoder)
-    per_task, all_probs, all_labels = {}, [], []
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     n_support = support_batches * batch_size
+    runnable = []
     for t, (task, examples) in enumerate(sorted(grouped.items())):
-        if len(examples) <= n_support:
+        if len(examples) > n_support:
+            runnable.append((t, task, examples))
+        elif rank == 0:
             logger.warning("Eval task %r has %d examples, needs more than %d; skipped.", task, len(examples), n_support)
-            continue
-        order = np.random.default_rng([seed, t]).permutation(len(examples))
-        support = [examples[i] for i in order[:n_support]]
-        query = [examples[i] for i in order[n_support:]][:max_query]
-        with adaptation_scope(model):
-            if support_batches > 0:
-                adapt(
-                    model,
-                    support,
-                    encoder=enc,
-                    steps=support_batches,
-                    batch_size=batch_size,
-                    lr=lr,
-                    optimizer=optimizer,
-                    beta=beta,
-                    num_shots=num_shots,
-                    seed=seed + t,
-                    task=task,
-                )
-            probs = predict_proba(
-                model, query, encoder=enc, num_samples=num_samples, shots=support, num_shots=num_shots, seed=seed + t
-            )
-        labels = torch.tensor([e["label"] for e in query])
-        per_task[task] = {**classification_metrics(probs, labels, n_bins), "n": len(query)}
-        all_probs.append(_pad(probs, max_choices))
-        all_labels.append(labels)
-    if not per_task:
+    run = functools.partial(
+        _evaluate_task,
+        model,
+        encoder=enc,
+        support_batches=support_batches,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        beta=beta,
+        num_samples=num_samples,
+        max_query=max_query,
+        num_shots=num_shots,
+        seed=seed,
+    )
+    outcomes = [run(t, task, examples) for t, task, examples in runnable[rank::world]]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        outcomes = gather_object(outcomes)
+    outcomes.sort(key=lambda outcome: outcome[0])  # task order, whatever process evaluated each task
+    if not outcomes:
         raise ValueError("No evaluation task had enough examples for the support set plus a query example.")
-    results = _summarise(per_task, torch.cat(all_probs), torch.cat(all_labels), n_bins)
-    if output_dir is not None:
-        write_results(results, {name: (torch.cat(all_probs), torch.cat(all_labels))}, output_dir, name, n_bins)
+    per_task = {
+        task: {**classification_metrics(probs, labels, n_bins), "n": len(labels)} for _, task, probs, labels in outcomes
+    }
+    all_probs = torch.cat([_pad(probs, max_choices) for *_, probs, _ in outcomes])
+    all_labels = torch.cat([labels for *_, labels in outcomes])
+    results = _summarise(per_task, all_probs, all_labels, n_bins)
+    if output_dir is not None and rank == 0:
+        write_results(results, {name: (all_probs, all_labels)}, output_dir, name, n_bins)
     return results
+
+
+def _evaluate_task(
+    model: nn.Module,
+    t: int,
+    task: str,
+    examples: list[dict[str, Any]],
+    *,
+    encoder: TaskEncoder,
+    support_batches: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    beta: Optional[float],
+    num_samples: Optional[int],
+    max_query: Optional[int],
+    num_shots: int,
+    seed: int,
+) -> tuple[int, str, torch.Tensor, torch.Tensor]:
+    """Adapt to task number `t` and predict its query examples: ``(t, task, probs, labels)`` on the CPU."""
+    n_support = support_batches * batch_size
+    order = np.random.default_rng([seed, t]).permutation(len(examples))
+    support = [examples[i] for i in order[:n_support]]
+    query = [examples[i] for i in order[n_support:]][:max_query]
+    with adaptation_scope(model), seeded_torch_rng(seed, t):
+        if support_batches > 0:
+            adapt(
+                model,
+                support,
+                encoder=encoder,
+                steps=support_batches,
+                batch_size=batch_size,
+                lr=lr,
+                optimizer=optimizer,
+                beta=beta,
+                num_shots=num_shots,
+                seed=seed + t,
+                task=task,
+            )
+        probs = predict_proba(
+            model, query, encoder=encoder, num_samples=num_samples, shots=support, num_shots=num_shots, seed=seed + t
+        )
+    return t, task, probs.cpu(), torch.tensor([e["label"] for e in query])
 
 
 def _is_grouped(tasks: Any) -> bool:

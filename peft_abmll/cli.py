@@ -268,6 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> Path:
     from .baselines import train_method
     from .experiment import load_causal_lm, resolve_tasks
+    from .safety import save_pretrained_atomic
 
     if not args.tasks:
         raise SystemExit("abmll train: give --tasks (BIG-bench names, task files, or hf:<dataset id>).")
@@ -289,8 +290,7 @@ def cmd_train(args: argparse.Namespace) -> Path:
         **trainer_kwargs,
     )
     adapter = out / "adapter"
-    model.save_pretrained(str(adapter))
-    tokenizer.save_pretrained(str(adapter))
+    save_pretrained_atomic(model, adapter, tokenizer=tokenizer)
     print(f"Adapter saved to {adapter}")
     if args.eval_tasks:
         _report(_evaluate(model, tokenizer, args, resolve_tasks(args.eval_tasks, args.max_choices), out))

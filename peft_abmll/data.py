@@ -7,8 +7,9 @@ choice) and optionally ``context`` (str).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -209,7 +210,10 @@ class EpisodeSampler(torch.utils.data.Sampler[int]):
     """Yields one episode code per task per epoch, tasks shuffled per epoch (seeded).
 
     The code ``epoch * num_tasks + task`` makes each episode a pure function of (seed, epoch, task),
-    so resumed and distributed runs see exactly the same episodes.
+    so resumed and distributed runs see exactly the same episodes. Under N processes accelerate's
+    ``BatchSamplerShard`` (batch size 1) gives process ``p`` the positions ``p, p + N, p + 2N, ...`` of
+    this order, so one update of N processes with G tasks each covers the same consecutive episodes as
+    one process with ``gradient_accumulation_steps = N * G``.
     """
 
     def __init__(self, num_tasks: int, seed: int = 0) -> None:
@@ -241,6 +245,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
         batch_size: examples per batch (paper: 2).
         num_shots: solved in-context examples in front of every prompt (drawn from the same task).
         seed: base seed of the example draws.
+
+    An episode is ``{"task", "code", "support", "query"}``; ``code`` lets the trainer seed the
+    episode's training noise from (seed, code) as well.
     """
 
     def __init__(
@@ -287,7 +294,12 @@ class EpisodeDataset(torch.utils.data.Dataset):
             )
             for b in range(self.support_batches + self.query_batches)
         ]
-        return {"task": name, "support": batches[: self.support_batches], "query": batches[self.support_batches :]}
+        return {
+            "task": name,
+            "code": int(code),
+            "support": batches[: self.support_batches],
+            "query": batches[self.support_batches :],
+        }
 
 
 def unwrap_episode(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -295,3 +307,25 @@ def unwrap_episode(items: list[dict[str, Any]]) -> dict[str, Any]:
     if len(items) != 1:
         raise ValueError(f"Episodes are loaded one at a time, got a batch of {len(items)}.")
     return items[0]
+
+
+# ----------------------------------------------------------------------------------------------- randomness
+def derive_seed(*words: int) -> int:
+    """A 63-bit seed that is a pure function of `words` (numpy's `SeedSequence` hashing; non-negative ints)."""
+    state = np.random.SeedSequence([int(w) for w in words]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) >> 1
+
+
+@contextlib.contextmanager
+def seeded_torch_rng(*words: int) -> Iterator[None]:
+    """Run the block with torch's RNG seeded from `words` (`derive_seed`), restoring the caller's RNG after.
+
+    Makes a block's randomness (training noise, dropout) a function of `words` alone, independent of
+    what ran before it in this process: one process running episodes a, b in turn and two processes
+    running a and b in parallel draw the same noise for each. The CPU generator and the current CUDA
+    device's are forked and restored.
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(*words))
+        yield

@@ -22,6 +22,7 @@ from .baselines import train_method
 from .data import TaskEncoder
 from .meta.arguments import MetaTrainingArguments
 from .metrics import plot_reliability_diagram
+from .safety import save_pretrained_atomic
 from .tuner.config import ABMLLConfig
 
 logger = logging.getLogger("peft_abmll")
@@ -101,7 +102,7 @@ def compare_methods(
         )
         train_seconds = time.perf_counter() - start
         if save_adapters and method != "pretrained":
-            model.save_pretrained(str(out / method / "adapter"))
+            save_pretrained_atomic(model, out / method / "adapter")
         logger.warning("== %s: evaluating on %d held-out task(s)", method, len(_names(eval_tasks)))
         evaluation = evaluate_tasks(
             model,

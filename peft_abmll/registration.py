@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from .peft_type import PREFIX, ABMLLPeftType
+from .safety import install_pickle_guard
 from .tuner.config import ABMLLConfig
 from .tuner.model import ABMLLModel
 
@@ -15,6 +16,8 @@ def register() -> None:
     PEFT's own `register_peft_method` only accepts members of its closed `PeftType` enum, so this
     fills the same mapping tables with our own str-enum key. Safe to call any number of times;
     raises `RuntimeError` if another package registered a different method under ``"ABMLL"``.
+    Also installs the pickle guard of `peft_abmll.safety`: pickle-based ABMLL adapter files are refused
+    unless the user opts in.
     """
     from peft import mapping
 
@@ -34,6 +37,7 @@ def register() -> None:
             )
     for table, value in tables:
         table[key] = value
+    install_pickle_guard()
 
 
 def _qualname(obj: type | str) -> str:

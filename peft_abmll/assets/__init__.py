@@ -13,7 +13,15 @@ from .bigbench import (
     task_index,
     validate_task_name,
 )
-from .cache import atomic_dir, atomic_write_bytes, atomic_write_text, cache_root, is_complete, safe_join
+from .cache import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+    cache_root,
+    is_complete,
+    replace_dir,
+    safe_join,
+)
 from .local import dataset_to_task_format, detect_layout, load_hub_task, load_task_file, rows_to_task_format
 from .smollm2 import convert_gguf, smollm2_package_dir, smollm2_path
 
@@ -33,6 +41,7 @@ __all__ = [
     "load_bigbench_tasks",
     "load_hub_task",
     "load_task_file",
+    "replace_dir",
     "rows_to_task_format",
     "safe_join",
     "smollm2_package_dir",

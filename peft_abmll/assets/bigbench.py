@@ -110,12 +110,28 @@ def task_index(archive: str | os.PathLike | None = None) -> dict[str, dict[str, 
     archive = _resolve_archive(archive)
     path = _data_dir(archive) / "index.json"
     if path.is_file():
-        data = json.loads(path.read_text())
-        if data.get("version") == INDEX_VERSION:
-            return data["tasks"]
+        cached = _read_index(path)
+        if cached is not None:
+            return cached
     tasks = _build_index(archive)
     payload = {"version": INDEX_VERSION, "archive": archive.name, "tasks": tasks}
     atomic_write_text(path, json.dumps(payload, indent=0, sort_keys=True))
+    return tasks
+
+
+def _read_index(path: Path) -> dict[str, dict[str, Any]] | None:
+    """The cached index, or None (with a warning if it is damaged) when it must be rebuilt."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        tasks = data["tasks"] if data.get("version") == INDEX_VERSION else None
+        entries_ok = isinstance(tasks, dict) and all(
+            isinstance(e, dict) and {"offset", "size", "mc", "examples"} <= set(e) for e in tasks.values()
+        )
+        if tasks is not None and not entries_ok:
+            raise ValueError("unexpected layout")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        logger.warning("BIG-bench index %s is damaged (%s); rebuilding it.", path, error)
+        return None
     return tasks
 
 
@@ -220,7 +236,7 @@ def _leaf_table(archive: Path, index: Mapping[str, Mapping[str, Any]], names: li
     """Converted tables of leaf tasks ``names``: from the parquet cache, else (one tar pass for all) the archive."""
     tasks_dir = _data_dir(archive) / f"tasks-v{CONVERSION_VERSION}"
     paths = {n: safe_join(tasks_dir, n.replace("/", "__") + ".parquet") for n in names}
-    tables = {n: pq.read_table(p) for n, p in paths.items() if p.is_file()}
+    tables = {n: t for n, t in ((n, _read_cached_task(p)) for n, p in paths.items()) if t is not None}
     missing = [n for n in names if n not in tables]
     if missing:
         raw = _read_members(archive, {n: index[n] for n in missing})
@@ -236,6 +252,21 @@ def _leaf_table(archive: Path, index: Mapping[str, Mapping[str, Any]], names: li
             atomic_write_bytes(paths[name], sink.getvalue().to_pybytes())
             tables[name] = table
     return tables
+
+
+def _read_cached_task(path: Path) -> pa.Table | None:
+    """A converted task from the cache, or None (with a warning if the file is damaged) when it must be redone."""
+    if not path.is_file():
+        return None
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        logger.warning("Cached BIG-bench task %s is damaged (%s); converting it again.", path, error)
+        return None
+    if table.column_names != TASK_SCHEMA.names:
+        logger.warning("Cached BIG-bench task %s has unexpected columns; converting it again.", path)
+        return None
+    return table
 
 
 def _leaves(name: str, index: Mapping[str, Mapping[str, Any]], archive: Path) -> list[str]:

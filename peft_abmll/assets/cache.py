@@ -100,6 +100,50 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
         _remove(tmp)
 
 
+@contextlib.contextmanager
+def replace_dir(final_path: str | os.PathLike) -> Iterator[Path]:
+    """Write a directory that may already exist without ever leaving a half-written one in its place.
+
+    Yields a sibling temp dir to fill; on success it takes the place of ``final_path`` and the previous
+    content is deleted. On an exception (or if the process dies) inside the block, ``final_path`` keeps
+    its previous content and the temp dir is removed (a killed run's temp dir is removed by a later call
+    once older than `STALE_TEMP_SECONDS`). The swap is two renames (old -> ``.<name>.old-*``, new ->
+    ``final_path``): a kill in the microseconds between them leaves the old copy under that name.
+    """
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old: Path | None = None
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists() or final.is_symlink():
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:  # put the previous content back
+                os.replace(old, final)
+                old = None
+            raise
+        _fsync_dir(final.parent)
+    finally:
+        _remove(tmp)
+        if old is not None:
+            _remove(old)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        if path.is_dir():
+            _fsync_dir(path)
+        elif path.is_file():
+            with contextlib.suppress(OSError), open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
 def _remove_stale_temps(final: Path) -> None:
     """Delete temp dirs of ``final`` left by killed runs (untouched for `STALE_TEMP_SECONDS`)."""
     cutoff = time.time() - STALE_TEMP_SECONDS
@@ -119,9 +163,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a sibling temp file + fsync + ``os.replace``."""
+    """Write ``data`` to ``path`` via a sibling temp file + fsync + ``os.replace``.
+
+    ``path`` is either the old or the new content, never a mix, whatever interrupts the write. Temp
+    files of killed writers older than `STALE_TEMP_SECONDS` are deleted.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     try:
         with os.fdopen(fd, "wb") as f:

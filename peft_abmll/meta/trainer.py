@@ -15,18 +15,21 @@ per global update), mixed precision, checkpointing and exact resume, `save_model
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from transformers import Trainer
 
-from ..data import EpisodeDataset, EpisodeSampler, TaskEncoder, prepare_tasks, unwrap_episode
+from ..data import EpisodeDataset, EpisodeSampler, TaskEncoder, prepare_tasks, seeded_torch_rng, unwrap_episode
 from .algorithms import ABMLLView, NonFiniteLossError, ReptileView, inner_loop, linear_surrogate, query_gradients
 from .arguments import MetaTrainingArguments
+from .safety import CheckpointSafetyMixin
 
 OUTER_KEY = "__abmll_outer_step__"
 
@@ -41,7 +44,7 @@ class TaskCollection:
         return sum(len(v) for v in self.tasks.values())
 
 
-class MetaTrainer(Trainer):
+class MetaTrainer(CheckpointSafetyMixin, Trainer):
     """Meta-trains an ABMLL adapter (or Reptile on LoRA) on a multi-task dataset.
 
     Args:
@@ -97,7 +100,8 @@ class MetaTrainer(Trainer):
         )
         self.view = self._make_view()
         self.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set per update by train()
-        self._meta_logs: dict[str, list[float]] = defaultdict(list)
+        self._update_logs: dict[str, list[float]] = defaultdict(list)  # this process, current update
+        self._meta_logs: dict[str, list[float]] = defaultdict(list)  # all processes, since the last log
         self._pending_query_grads: Optional[list[torch.Tensor]] = None
         self._current_task = "?"
 
@@ -145,9 +149,25 @@ class MetaTrainer(Trainer):
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Optional[Any] = None
     ) -> torch.Tensor:
-        """One task: reset, K inner steps on the local pairs, then the outer loss through the Trainer."""
+        """One task: reset, K inner steps on the local pairs, then the outer loss through the Trainer.
+
+        The episode's randomness (training noise, dropout) is seeded from (``args.seed``, episode code),
+        so it does not depend on which process runs the episode or what ran before it.
+        """
         task = inputs["task"]
         self._current_task = task
+        code = inputs.get("code")
+        seeded = seeded_torch_rng(self.args.seed, code) if code is not None else contextlib.nullcontext()
+        with seeded:
+            outer, nll = self._episode_step(model, inputs, num_items_in_batch)
+        self._average_global_grads_across_processes()
+        self._collect_update_logs()
+        return outer + nll / self.current_gradient_accumulation_steps
+
+    def _episode_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Optional[Any]
+    ) -> tuple[torch.Tensor, float]:
+        task = inputs["task"]
         unwrapped = self.accelerator.unwrap_model(model)
         unwrapped.train()
         self.view.reset()
@@ -169,14 +189,14 @@ class MetaTrainer(Trainer):
                 self._pending_query_grads, query_nll = query_gradients(
                     unwrapped, self.view, queries, self.compute_loss_context_manager
                 )
-                self._meta_logs["query_nll"].append(query_nll)
+                self._update_logs["query_nll"].append(query_nll)
         for key in ("nll", "kl"):
             if key in logs[-1]:
-                self._meta_logs[key].append(float(np.mean([step[key] for step in logs])))
+                self._update_logs[key].append(float(np.mean([step[key] for step in logs])))
+        # the outer loss reads the parameters directly: no forward through a DDP wrapper, so DDP's reducer
+        # stays idle and `_average_global_grads_across_processes` is the one gradient synchronisation
         outer = super().training_step(model, {OUTER_KEY: torch.zeros(1)}, num_items_in_batch)
-        self._average_global_grads_across_processes()
-        nll = self._meta_logs["nll"][-1]
-        return outer + nll / self.current_gradient_accumulation_steps
+        return outer, float(np.mean([step["nll"] for step in logs]))
 
     def compute_loss(
         self,
@@ -198,16 +218,43 @@ class MetaTrainer(Trainer):
                 "or raise init_std / scale_floor, and resume from it."
             )
         for key, value in logs.items():
-            self._meta_logs[key].append(value)
+            self._update_logs[key].append(value)
         return (loss, None) if return_outputs else loss
 
+    # --------------------------------------------------------------------------------- multi-process
     def _average_global_grads_across_processes(self) -> None:
-        """The global update is the mean over processes (each process adapts its own tasks)."""
-        if self.accelerator.num_processes == 1 or not self.accelerator.sync_gradients:
+        """The global update is the mean over processes (each process adapts its own tasks).
+
+        At the last task of an update, the global-pair gradients are averaged with one flat
+        ``accelerator.reduce(..., "mean")`` per dtype. Each process has already averaged its own
+        ``gradient_accumulation_steps`` tasks, so the result is the mean over all tasks of the update.
+        The outer loss is the same function of the same parameters on every process, so every process
+        holds gradients for the same parameters. DeepSpeed reduces gradients itself inside
+        ``accelerator.backward``, so nothing is done there.
+        """
+        acc = self.accelerator
+        if acc.num_processes == 1 or not acc.sync_gradients or acc.distributed_type == DistributedType.DEEPSPEED:
             return
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
         for p in self.view.global_params():
             if p.grad is not None:
-                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+                groups[(p.grad.device, p.grad.dtype)].append(p.grad)
+        for grads in groups.values():
+            flat = acc.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+            for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(piece.view_as(g))
+
+    def _collect_update_logs(self) -> None:
+        """At the end of an update, add every process's meta terms (nll, kl, ...) to the logged means."""
+        if not self.accelerator.sync_gradients:
+            return
+        pending = [dict(self._update_logs)]
+        self._update_logs.clear()
+        if self.accelerator.num_processes > 1:
+            pending = gather_object(pending)  # in process order = the order of the tasks in the update
+        for logs in pending:
+            for key, values in logs.items():
+                self._meta_logs[key].extend(values)
 
     # --------------------------------------------------------------------------------- logging / saving
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -215,6 +262,15 @@ class MetaTrainer(Trainer):
             logs = {**logs, **{k: float(np.mean(v)) for k, v in self._meta_logs.items() if v}}
             self._meta_logs.clear()
         super().log(logs, *args, **kwargs)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model` with local == global on every process.
+
+        The reset comes first, on all processes, because under FSDP or DeepSpeed the Trainer gathers the
+        state dict before it calls `_save`. Only the main process writes (the Trainer's `should_save`).
+        """
+        self.view.reset()
+        super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """Save with local == global, so the adapter on disk is the meta-learned one."""
@@ -228,7 +284,9 @@ class MetaTrainer(Trainer):
         """Held-out-task evaluation: per task adapt on support batches, predict the rest.
 
         Logs macro accuracy / ECE / NLL / Brier as ``{prefix}_accuracy`` etc., and writes the JSON and
-        the reliability diagram into ``args.output_dir`` on the main process.
+        the reliability diagram into ``args.output_dir`` on the main process. Under several processes
+        each evaluates every N-th task and the per-task results are gathered; every process returns the
+        same metrics, equal to a single-process evaluation.
         """
         from ..adaptation import evaluate_tasks  # adaptation imports meta.algorithms: import late
 
@@ -251,10 +309,12 @@ class MetaTrainer(Trainer):
             num_samples=self.args.eval_num_samples,
             max_query=self.args.eval_max_query,
             num_shots=self.args.num_shots,
+            max_choices=self.args.max_choices,
             n_bins=self.args.ece_bins,
             seed=self.args.seed,
             output_dir=self.args.output_dir if self.is_world_process_zero() else None,
             name=f"{metric_key_prefix}_step{self.state.global_step}",
+            accelerator=self.accelerator,
         )
         self.view.reset()
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in results["macro"].items()}

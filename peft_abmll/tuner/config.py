@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
@@ -164,11 +166,35 @@ class ABMLLConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ABMLLPeftType.ABMLL
-        if isinstance(self.target_modules, list):
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
+        if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Drop, with one warning naming them, keys of a saved config that this version does not know.
+
+        Called by ``PeftModel.from_pretrained`` / ``load_adapter`` on the contents of
+        ``adapter_config.json``. A config written by a newer peft-abmll (or PEFT) may carry fields this
+        version lacks: the adapter still loads with every known setting, and the warning says which
+        settings were ignored. Known keys are validated as usual (a bad value raises a ValueError).
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            from .._version import __version__
+
+            warnings.warn(
+                f"ABMLLConfig: the saved adapter config has key(s) {unknown} that peft-abmll {__version__} does not "
+                "know (written by a newer peft-abmll or PEFT?). They are ignored and the adapter loads with its other "
+                "settings; upgrade peft-abmll (and peft) to use them.",
+                UserWarning,
+                stacklevel=2,
+            )
+            kwargs = {k: v for k, v in kwargs.items() if k in known}
+        return super().check_kwargs(**kwargs)
 
     @property
     def scaling(self) -> float:
@@ -212,10 +238,42 @@ class ABMLLConfig(PeftConfig):
             value = getattr(self, name)
             _require(_finite(value) and value > 0, name, value, "a positive number")
         _require(
-            isinstance(self.num_samples, int) and self.num_samples >= 1,
+            _integer(self.num_samples) and self.num_samples >= 1,
             "num_samples",
             self.num_samples,
             "an integer >= 1",
+        )
+        _require(_integer(self.sample_seed), "sample_seed", self.sample_seed, "an integer seed, e.g. 0")
+        for name in ("init_weights", "fan_in_fan_out", "inference_mode"):
+            _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            _require(
+                value is None or isinstance(value, str) or _strings(value, allow_empty=name == "exclude_modules"),
+                name,
+                value,
+                "a list of module names, a regex string, or None",
+            )
+        layers = self.layers_to_transform
+        _require(
+            layers is None
+            or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
+            or (isinstance(layers, list) and all(_integer(i) and i >= 0 for i in layers)),
+            "layers_to_transform",
+            self.layers_to_transform,
+            "a block index or a list of block indices (>= 0), or None",
+        )
+        _require(
+            self.layers_pattern is None or isinstance(self.layers_pattern, str) or _strings(self.layers_pattern),
+            "layers_pattern",
+            self.layers_pattern,
+            "a module-list name such as 'layers', a list of them, or None",
+        )
+        _require(
+            self.modules_to_save is None or _strings(self.modules_to_save, allow_empty=True),
+            "modules_to_save",
+            self.modules_to_save,
+            "a list of module names, or None",
         )
         _choice("scale_type", self.scale_type, SCALE_TYPES)
         _choice("sampling", self.sampling, SAMPLING_MODES)
@@ -235,6 +293,19 @@ class ABMLLConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("ABMLLConfig: `layers_pattern` needs `layers_to_transform`; set both or neither.")
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _strings(value: object, allow_empty: bool = False) -> bool:
+    """A list / set / tuple of non-empty strings (non-empty unless `allow_empty`)."""
+    return (
+        isinstance(value, (list, set, frozenset, tuple))
+        and (allow_empty or len(value) > 0)
+        and all(isinstance(v, str) and v for v in value)
+    )
 
 
 def _finite(value: object) -> bool:

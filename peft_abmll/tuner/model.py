@@ -105,6 +105,29 @@ class ABMLLModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    # ------------------------------------------------------------------------------- loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(  # type: ignore[override]  # PEFT passes an ABMLLConfig (see above)
+        cls,
+        model: nn.Module,
+        config: ABMLLConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's key remapping, then a check that the checkpoint fits the model it is loaded into.
+
+        PEFT's load paths (`PeftModel.from_pretrained`, `load_adapter`, `set_peft_model_state_dict`,
+        Trainer resume) go through here. A checkpoint trained on another base model (other hidden size,
+        other number of layers) or with another rank raises a ValueError naming both base models, the
+        first mismatching ABMLL tensor and both shapes -- instead of torch's bare size-mismatch error or,
+        for extra/missing layers, a silently half-loaded adapter. ABMLL factors are checked even with
+        ``ignore_mismatched_sizes=True`` (a partly re-initialised posterior is not a usable adapter);
+        other saved tensors (``modules_to_save``, biases) are left to PEFT's own handling.
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        _check_checkpoint_fits(model, config, adapter_name, remapped)
+        return remapped
+
     # ------------------------------------------------------------------------------- ABMLL verbs
     def abmll_config(self, adapter_name: Optional[str] = None) -> ABMLLConfig:
         """The `ABMLLConfig` of `adapter_name` (default: the first active adapter)."""
@@ -197,6 +220,67 @@ class ABMLLModel(BaseTuner):
         finally:
             for layer, (value, flag) in zip(layers, previous):
                 layer.abmll_sample_index, layer.abmll_eval_sampling = value, flag
+
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _is_factor_key(key: str) -> bool:
+    """Whether a state-dict key is one of the eight ABMLL factors (with or without the adapter name)."""
+    return any(f".{name}." in f"{key}." for name in ABMLLLayer.adapter_layer_names)
+
+
+def _model_name(model: nn.Module) -> str:
+    """``'name_or_path'`` of a (PEFT-wrapped) transformers model, else its class."""
+    name = getattr(model, "name_or_path", None)
+    if name:
+        return repr(name)
+    get_base_model = getattr(model, "get_base_model", None)
+    base = get_base_model() if callable(get_base_model) else model
+    return f"an unnamed {type(base).__name__} (empty name_or_path)"
+
+
+def _check_checkpoint_fits(
+    model: nn.Module, config: ABMLLConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> None:
+    """Raise a ValueError naming both base models if `state_dict` (remapped) does not fit `model`."""
+    model_state = model.state_dict()
+    mismatched, unexpected = [], []
+    for key, tensor in state_dict.items():
+        if not _is_factor_key(key):
+            continue  # modules_to_save, biases, embeddings: left to PEFT / torch (and ignore_mismatched_sizes)
+        target = model_state.get(key)
+        if target is None:
+            target = model_state.get(key.removeprefix(_PEFT_PREFIX))
+        if target is None:
+            unexpected.append(key)
+        elif tuple(tensor.shape) != tuple(target.shape):
+            mismatched.append((key, tuple(tensor.shape), tuple(target.shape)))
+    loaded = {k.removeprefix(_PEFT_PREFIX) for k in state_dict}
+    missing = [
+        k
+        for k in model_state
+        if _is_factor_key(k) and k.endswith(f".{adapter_name}") and k.removeprefix(_PEFT_PREFIX) not in loaded
+    ]
+    if not (mismatched or unexpected or missing):
+        return
+    saved_on = repr(config.base_model_name_or_path) if config.base_model_name_or_path else "an unrecorded base model"
+    head = (
+        f"Cannot load ABMLL adapter {adapter_name!r}: the checkpoint was trained on base model {saved_on} and does "
+        f"not fit the model it is loaded into, {_model_name(model)}"
+    )
+    if mismatched:
+        key, saved, wanted = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more mismatching tensor(s))" if len(mismatched) > 1 else ""
+        detail = f"{key} has shape {list(saved)} in the checkpoint but {list(wanted)} in the model{more}"
+    elif unexpected:
+        detail = f"the checkpoint has {len(unexpected)} ABMLL tensor(s) with no matching layer, e.g. {unexpected[0]}"
+    else:
+        detail = f"{len(missing)} ABMLL tensor(s) of the model are not in the checkpoint, e.g. {missing[0]}"
+    raise ValueError(
+        f"{head}: {detail}. Load the adapter onto the base model it was trained on (same architecture, hidden size "
+        "and number of layers)."
+    )
 
 
 def _create_new_module(config: ABMLLConfig, adapter_name: str, target: nn.Module, key: str) -> Linear:

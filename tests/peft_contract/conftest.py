@@ -45,3 +45,10 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     _attempts.clear()
     yield
     assert not _attempts, f"network connections attempted: {_attempts}"
+
+
+@pytest.fixture(autouse=True)
+def _allow_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT's checks round-trip adapters through `safe_serialization=False` (pickle) files, which peft_abmll refuses
+    for ABMLL adapters unless the user opts in (see docs/robustness.md): these tests are that explicit opt-in."""
+    monkeypatch.setenv("PEFT_ABMLL_ALLOW_PICKLE", "1")

@@ -1,0 +1,207 @@
+"""Distributed meta-training: 2 CPU processes (torchrun, gloo) with G tasks each per update = 1 process with 2G.
+
+The distributed runs are `_ddp_worker.py` under ``python -m torch.distributed.run --standalone
+--nproc_per_node 2`` with G = 1 and 2; the single-process references are the same function run here with
+``gradient_accumulation_steps`` 2 and 4. All train 4 updates with evaluation at updates 2 and 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _ddp_worker import UPDATES, run
+from _models import TESTS_DIR
+from _tasks import task_family, tiny_lm, tiny_tokenizer
+from accelerate.data_loader import prepare_data_loader
+from peft import PeftModel, get_peft_model
+
+from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments
+from peft_abmll.data import EpisodeSampler
+
+NPROC = 2
+PER_PROCESS = (1, 2)  # tasks per update per process (gradient_accumulation_steps) of the distributed runs
+# G = 1: a / 2 + b / 2 (one process, accumulated) and (a + b) / 2 (all-reduce mean) are equal in IEEE
+# arithmetic, so the runs agree bit for bit here. G = 2: the sums of four task gradients are grouped
+# differently ((a + c) + (b + d) against a + b + c + d), which leaves float rounding (4e-7 seen here).
+TOLERANCE = {1: 1e-6, 2: 1e-5}
+TRAIN_KEYS = ("loss", "grad_norm", "learning_rate", "nll", "kl", "outer_kl", "log_prior")
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> dict[str, Any]:
+    """Both distributed runs in one launch: ``ddp/ga<G>`` for G in `PER_PROCESS`."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # rendezvous on a free local port
+        f"--nproc_per_node={NPROC}",
+        str(TESTS_DIR / "_ddp_worker.py"),
+        str(out),
+        "--tasks-per-update",
+        *map(str, PER_PROCESS),
+    ]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-6000:]
+    print(f"torchrun, {NPROC} processes, {len(PER_PROCESS)} runs: {seconds:.1f} s")
+    return {"out": out, "stderr": result.stderr, "seconds": seconds}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """The single-process references, with NPROC times as many tasks per update: ``single/ga<NPROC * G>``."""
+    out = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each torchrun process (OMP_NUM_THREADS=1)
+    try:
+        for per_process in PER_PROCESS:
+            folder = out / f"ga{NPROC * per_process}"
+            _, report = run(folder, tasks_per_update=NPROC * per_process)
+            (folder / "report_rank0.json").write_text(json.dumps(report))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _reports(folder: Path, processes: int) -> list[dict[str, Any]]:
+    return [json.loads((folder / f"report_rank{r}.json").read_text()) for r in range(processes)]
+
+
+def _loaded_globals(path: Path) -> list[torch.Tensor]:
+    model = PeftModel.from_pretrained(tiny_lm(tiny_tokenizer(), seed=0), str(path))
+    return [p.detach() for p in model.base_model.global_parameters()]
+
+
+def _max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b))
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch, transformers and peft, plus the reference runs
+@pytest.mark.parametrize("per_process", PER_PROCESS)
+def test_n_processes_match_one_process_with_n_times_the_tasks_per_update(ddp, single, per_process) -> None:
+    folder, reference_folder = ddp["out"] / f"ga{per_process}", single / f"ga{NPROC * per_process}"
+    for report in _reports(folder, NPROC):
+        assert report["num_processes"] == NPROC
+        assert report["distributed_type"] == "MULTI_CPU"
+        assert report["wrapped_model"] == "DistributedDataParallel"  # the Trainer really wrapped the model
+    assert _reports(reference_folder, 1)[0]["num_processes"] == 1
+    # the processes hold the same global adapter (the same averaged update everywhere) ...
+    rank0, rank1 = (torch.load(folder / f"global_rank{r}.pt") for r in range(NPROC))
+    assert _max_abs_diff(rank0, rank1) == 0.0
+    # ... equal to the single-process run with NPROC times the tasks per update, as saved and reloaded
+    distributed = _loaded_globals(folder / "rank0" / "final")
+    reference = _loaded_globals(reference_folder / "rank0" / "final")
+    difference = _max_abs_diff(distributed, reference)
+    torch.manual_seed(0)
+    initial = get_peft_model(tiny_lm(tiny_tokenizer(), seed=0), ABMLLConfig()).base_model.global_parameters()
+    moved = _max_abs_diff(reference, [p.detach() for p in initial])
+    print(f"G={per_process}: {NPROC} processes vs 1: max abs diff {difference:.3g}, moved {moved:.3g}")
+    assert difference <= TOLERANCE[per_process]
+    assert moved > 1e-3  # training did move the adapter: the comparison is not vacuous
+    # DDP never complained about a backward without a forward or unused parameters
+    for complaint in ("find_unused_parameters", "Expected to have finished reduction", "Traceback"):
+        assert complaint not in ddp["stderr"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_process", PER_PROCESS)
+def test_training_logs_match_and_only_rank_zero_writes(ddp, single, per_process) -> None:
+    folder = ddp["out"] / f"ga{per_process}"
+    logs = [r["log_history"] for r in _reports(folder, NPROC)]
+    reference = _reports(single / f"ga{NPROC * per_process}", 1)[0]["log_history"]
+    train = [[e for e in history if "loss" in e] for history in (*logs, reference)]
+    assert [e["step"] for e in train[0]] == list(range(1, UPDATES + 1))
+    for entries in train[1:]:
+        assert len(entries) == len(train[0])
+        for got, want in zip(entries, train[0]):
+            for key in TRAIN_KEYS:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    # only rank 0 writes: each rank has its own output_dir here, and rank 1's stays empty
+    written = {
+        r: sorted(p.relative_to(folder).as_posix() for p in (folder / f"rank{r}").rglob("*") if p.is_file())
+        for r in range(NPROC)
+    }
+    assert written[1] == []
+    for name in ("final/adapter_model.safetensors", "final/adapter_config.json", "eval_step4_reliability.png"):
+        assert f"rank0/{name}" in written[0]
+    printed = [(folder / f"stdout_rank{r}.txt").read_text() for r in range(NPROC)]
+    assert "'loss'" in printed[0] and "'eval_accuracy'" in printed[0]
+    assert "'loss'" not in printed[1] and "'eval_accuracy'" not in printed[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_process", PER_PROCESS)
+def test_sharded_evaluation_is_identical_on_every_rank_and_to_one_process(ddp, single, per_process) -> None:
+    folder = ddp["out"] / f"ga{per_process}"
+    evals = [[e for e in r["log_history"] if "eval_accuracy" in e] for r in _reports(folder, NPROC)]
+    reference = [e for e in _reports(single / f"ga{NPROC * per_process}", 1)[0]["log_history"] if "eval_accuracy" in e]
+    assert [e["step"] for e in evals[0]] == [2, 4]
+    assert evals[0] == evals[1]  # every rank returns the same metrics, exactly
+    assert len(reference) == len(evals[0])
+    for got, want in zip(evals[0], reference):
+        assert set(got) == set(want)
+        for key in got:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    written = json.loads((folder / "rank0" / "eval_step4_results.json").read_text())
+    assert sorted(written["per_task"]) == ["heldout0", "heldout1", "heldout2"]  # gathered from both ranks
+
+
+def test_accelerate_gives_process_p_every_nth_episode() -> None:
+    """accelerate's BatchSamplerShard (batch size 1): process p gets positions p, p + N, ... of the episode order."""
+    for num_tasks in (6, 5):
+        reference = EpisodeSampler(num_tasks, seed=3)
+        orders = []
+        for epoch in (0, 1):
+            reference.set_epoch(epoch)
+            orders.append(list(reference))
+        shards = []
+        for p in range(NPROC):
+            loader = torch.utils.data.DataLoader(
+                range(2 * num_tasks), batch_size=1, sampler=EpisodeSampler(num_tasks, seed=3)
+            )
+            shard = prepare_data_loader(loader, num_processes=NPROC, process_index=p, put_on_device=False)
+            epochs = []
+            for epoch in (0, 1):
+                shard.set_epoch(epoch)  # as the Trainer does at every epoch
+                epochs.append([int(b) for b in shard])
+            shards.append(epochs)
+        for epoch, order in enumerate(orders):
+            interleaved = [code for pair in zip(*(s[epoch] for s in shards)) for code in pair]
+            if num_tasks % NPROC == 0:
+                assert interleaved == order
+            else:  # even_batches: the last round is completed with the epoch's first episode
+                assert interleaved == [*order, order[0]]
+
+
+def test_episode_randomness_depends_only_on_seed_and_code(tmp_path) -> None:
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+    args = MetaTrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, inner_steps=2, seed=0
+    )
+    trainer = MetaTrainer(model=model, args=args, train_dataset=task_family(3, 12), processing_class=tok)
+    trainer.create_optimizer()
+    grads = []
+    for before in (1, 2):
+        torch.manual_seed(before)  # whatever ran before the episode
+        state = torch.get_rng_state()
+        trainer.training_step(trainer.model, trainer.train_dataset[4])
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG stream is left alone
+        grads.append([p.grad.clone() for p in trainer.view.global_params()])
+        trainer.model.zero_grad(set_to_none=True)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
