@@ -101,15 +101,8 @@ def run_one(
     train_s = time.perf_counter() - start
     if prune:
         prune_hidden_units(model, prune)
-    result = evaluate_tasks(
-        model,
-        held_out,
-        encoder=TaskEncoder(tokenizer, max_length=args.max_length),
-        lr=margs.test_learning_rate,
-        max_query=args.max_query,
-        seed=seed,
-        num_shots=margs.num_shots,
-    )
+    encoder = TaskEncoder(tokenizer, max_length=args.max_length)
+    result = evaluate_tasks(model, held_out, encoder=encoder, **margs.evaluation_kwargs())
     return {
         "name": name,
         "method": method,

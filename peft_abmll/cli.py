@@ -349,21 +349,9 @@ def _evaluate(model: Any, tokenizer: Any, args: argparse.Namespace, tasks: Any, 
     from .adaptation import evaluate_tasks
     from .data import TaskEncoder
 
-    return evaluate_tasks(
-        model,
-        tasks,
-        encoder=TaskEncoder(tokenizer, max_length=args.max_length),
-        support_batches=args.adapt_steps,
-        batch_size=args.batch_size,
-        lr=args.adapt_lr or 1e-3,
-        num_samples=args.num_samples,
-        max_query=args.max_query,
-        num_shots=args.num_shots,
-        max_choices=args.max_choices,
-        seed=args.seed,
-        output_dir=out,
-        name="evaluate",
-    )
+    encoder = TaskEncoder(tokenizer, max_length=args.max_length)
+    kwargs = meta_args(args, out).evaluation_kwargs()
+    return evaluate_tasks(model, tasks, encoder=encoder, output_dir=out, name="evaluate", **kwargs)
 
 
 def _report(results: dict[str, Any]) -> None:

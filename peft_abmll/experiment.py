@@ -108,15 +108,7 @@ def compare_methods(
             model,
             eval_tasks,
             encoder=encoder,
-            support_batches=args.adaptation_steps,
-            batch_size=args.inner_batch_size,
-            lr=args.test_learning_rate,
-            optimizer=args.inner_optimizer,
-            num_samples=args.eval_num_samples,
-            max_query=args.eval_max_query,
-            num_shots=args.num_shots,
-            n_bins=args.ece_bins,
-            seed=args.seed,
+            **args.evaluation_kwargs(),
         )
         curves[method] = (torch.tensor(evaluation.pop("probs")), torch.tensor(evaluation.pop("labels")))
         results["methods"][method] = {

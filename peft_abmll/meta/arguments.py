@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from transformers import TrainingArguments
 
@@ -80,6 +80,22 @@ class MetaTrainingArguments(TrainingArguments):
             self.gradient_checkpointing_kwargs = {**kwargs, "use_reentrant": False}
         super().__post_init__()
         self._validate_meta()
+
+    def evaluation_kwargs(self) -> dict[str, Any]:
+        """The `peft_abmll.evaluate_tasks` settings of the held-out-task protocol these arguments describe."""
+        return {
+            "support_batches": self.adaptation_steps,
+            "batch_size": self.inner_batch_size,
+            "lr": self.test_learning_rate,
+            "optimizer": self.inner_optimizer,
+            "beta": self.beta,
+            "num_samples": self.eval_num_samples,
+            "max_query": self.eval_max_query,
+            "num_shots": self.num_shots,
+            "max_choices": self.max_choices,
+            "n_bins": self.ece_bins,
+            "seed": self.seed,
+        }
 
     @property
     def test_learning_rate(self) -> float:

@@ -301,20 +301,10 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
             model,
             tasks.tasks,
             encoder=self.encoder,
-            support_batches=self.args.adaptation_steps,
-            batch_size=self.args.inner_batch_size,
-            lr=self.args.test_learning_rate,
-            optimizer=self.args.inner_optimizer,
-            beta=self.args.beta,
-            num_samples=self.args.eval_num_samples,
-            max_query=self.args.eval_max_query,
-            num_shots=self.args.num_shots,
-            max_choices=self.args.max_choices,
-            n_bins=self.args.ece_bins,
-            seed=self.args.seed,
             output_dir=self.args.output_dir if self.is_world_process_zero() else None,
             name=f"{metric_key_prefix}_step{self.state.global_step}",
             accelerator=self.accelerator,
+            **self.args.evaluation_kwargs(),
         )
         self.view.reset()
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in results["macro"].items()}
