@@ -10,7 +10,6 @@ save_adapted(model, "my-task-adapter")                      # the adapted poster
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import json
 import logging
@@ -370,8 +369,3 @@ def write_results(
     json_path.write_text(json.dumps(slim, indent=2))
     png_path = plot_reliability_diagram(curves, out / f"{name}_reliability.png", n_bins)
     return {"json": json_path, "png": png_path}
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    """A deep copy (for running a baseline without touching the original)."""
-    return copy.deepcopy(model)
