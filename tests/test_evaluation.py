@@ -135,3 +135,36 @@ def test_tasks_per_update_average_the_global_gradient(tok, family, tmp_path) -> 
     accumulated = grads[1][1]
     for s, acc in zip(summed_single, accumulated):
         torch.testing.assert_close(acc, s / 2, rtol=1e-4, atol=1e-12)
+
+
+def test_trainer_push_to_hub_uploads_the_adapter_with_the_abmll_card(tok, family, tmp_path, monkeypatch) -> None:
+    import transformers.trainer as trainer_module
+
+    calls: dict[str, list] = {"create_repo": [], "upload_folder": []}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls["create_repo"].append(repo_id)
+            return type("Url", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, **kwargs):
+            folder = kwargs["folder_path"]
+            import os
+
+            calls["upload_folder"].append({**kwargs, "files": sorted(os.listdir(folder))})
+            return "commit"
+
+    monkeypatch.setattr(trainer_module, "hf_api", lambda: FakeApi())
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+    args = _args(tmp_path, push_to_hub=True, hub_model_id="me/abmll-test", hub_strategy="end")
+    trainer = MetaTrainer(model=model, args=args, train_dataset=family, processing_class=tok)
+    trainer.train()
+    trainer.push_to_hub()
+    assert calls["create_repo"] == ["me/abmll-test"]
+    upload = calls["upload_folder"][-1]
+    assert upload["repo_id"] == "me/abmll-test"
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(upload["files"])
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: peft" in card and "abmll" in card and "import peft_abmll" in card
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ABMLL"

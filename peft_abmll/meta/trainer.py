@@ -263,6 +263,15 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
             self._meta_logs.clear()
         super().log(logs, *args, **kwargs)
 
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The ABMLL model card (PEFT metadata, settings, a snippet that imports `peft_abmll` first)."""
+        if not self.is_world_process_zero():
+            return
+        from ..hub import write_model_card
+
+        model = self.accelerator.unwrap_model(self.model)
+        write_model_card(model, self.args.output_dir, repo_id=getattr(self, "hub_model_id", None))
+
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model` with local == global on every process.
 
