@@ -270,7 +270,7 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
         from ..hub import write_model_card
 
         model = self.accelerator.unwrap_model(self.model)
-        write_model_card(model, self.args.output_dir, repo_id=getattr(self, "hub_model_id", None))
+        write_model_card(model, self.args.output_dir or ".", repo_id=getattr(self, "hub_model_id", None))
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model` with local == global on every process.
