@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach the Hub; set before transformers is imported
 
+from typing import Any
+
 import pytest
 import torch
 from _models import VOCAB, make_inputs, tiny_gpt2, tiny_llama, tiny_qwen2
@@ -33,3 +35,11 @@ def _tiny_gpt2() -> PreTrainedModel:
 @pytest.fixture(name="inputs")
 def _inputs() -> dict[str, torch.Tensor]:
     return make_inputs(VOCAB)
+
+
+@pytest.fixture(name="tok", scope="session")
+def _tok() -> Any:
+    """The offline word-level tokenizer of the meta-learning tests (tests/_tasks.py)."""
+    from _tasks import tiny_tokenizer
+
+    return tiny_tokenizer()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _tasks import task_family, tiny_lm, tiny_tokenizer
+from _tasks import task_family, tiny_lm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel, get_peft_model
@@ -14,11 +14,6 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 import peft_abmll
 from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, metrics
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

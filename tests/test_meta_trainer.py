@@ -6,18 +6,13 @@ import gc
 
 import pytest
 import torch
-from _tasks import task_family, tiny_lm, tiny_tokenizer
+from _tasks import task_family, tiny_lm
 from peft import get_peft_model
 
 import peft_abmll
 from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, TaskEncoder
 from peft_abmll.baselines import METHODS, train_method
 from peft_abmll.meta.algorithms import ABMLLView, NonFiniteLossError, inner_loop
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
