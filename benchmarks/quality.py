@@ -4,12 +4,15 @@
     python benchmarks/quality.py --variants softplus weight first_order shots2
     python benchmarks/quality.py --methods abmll --beta 1 1e-5 1e-7 1e-8 1e-16
     python benchmarks/quality.py --methods pretrained regular_lora abmll --prune 0.1 0.3 0.5
+    python benchmarks/quality.py --methods abmll --set prior_b0=1e-6 init_std=3e-3
 
 Every (configuration, seed) trains on the meta-train tasks for ``--steps`` episodes (LoRA baselines: the same
 number of optimizer steps on the same batches), then adapts to each held-out task on 5 support batches of 2 and
 predicts up to ``--max-query`` examples. Results are appended to the JSON file as they come (a rerun skips what is
 there), and a table with mean ± std over seeds is printed. Pruning zeroes the smallest-magnitude fraction of MLP
-hidden units in every layer after training, then runs the same adaptation protocol.
+hidden units in every layer after training (each trained model is evaluated unpruned and at every fraction), then
+runs the same adaptation protocol. ``--set KEY=VALUE`` adds one ABMLL configuration per pair (an ablation of any
+`ABMLLConfig` field); ABMLL records also hold the median global standard deviation after training.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,7 @@ from peft_abmll.data import TaskEncoder
 from peft_abmll.experiment import load_causal_lm, resolve_tasks
 from peft_abmll.meta.arguments import MetaTrainingArguments
 from peft_abmll.tuner.config import ABMLLConfig
+from peft_abmll.tuner.layer import ABMLLLayer
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "softplus": {"config": {"scale_type": "softplus", "sampling": "weight"}},
@@ -66,21 +72,43 @@ def prune_hidden_units(model: nn.Module, fraction: float) -> int:
     return pruned
 
 
+def median_global_std(model: nn.Module) -> float | None:
+    """Median over adapted layers of the mean global standard deviation per ``Delta W`` entry (None: not ABMLL)."""
+    stds = [
+        module.posterior_moments(name, "global")[1].sqrt().mean().item()
+        for module in model.modules()
+        if isinstance(module, ABMLLLayer)
+        for name in module.abmll_global_mean_A
+    ]
+    return statistics.median(stds) if stds else None
+
+
+@contextmanager
+def pruned(model: nn.Module, fraction: float) -> Iterator[None]:
+    """Prune `fraction` of the MLP hidden units for the duration of the block, then restore the weights."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items() if "up_proj" in k or "down_proj" in k}
+    prune_hidden_units(model, fraction)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            state = model.state_dict()
+            for key, value in saved.items():
+                state[key].copy_(value)
+
+
 def run_one(
-    name: str,
-    method: str,
+    job: dict[str, Any],
     seed: int,
     args: argparse.Namespace,
     tasks: tuple,
     model_fn: Any,
     tokenizer: Any,
-    prune: float = 0.0,
-    config_overrides: dict | None = None,
-    arg_overrides: dict | None = None,
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
+    """Train `job` once with `seed`; evaluate it unpruned and at each of the job's prune fractions."""
     train, held_out = tasks
     margs = MetaTrainingArguments(
-        output_dir=str(Path(args.work_dir) / name / f"seed{seed}"),
+        output_dir=str(Path(args.work_dir) / job["name"] / f"seed{seed}"),
         max_steps=args.steps,
         seed=seed,
         learning_rate=args.lr,
@@ -93,60 +121,71 @@ def run_one(
         logging_steps=10,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
-        **(arg_overrides or {}),
+        **job["args"],
     )
-    config = ABMLLConfig(**(config_overrides or {}))
+    config = ABMLLConfig(**job["config"])
     start = time.perf_counter()
-    model = train_method(method, model_fn, tokenizer, train, margs, config, lora_learning_rate=args.lora_lr)
+    model = train_method(job["method"], model_fn, tokenizer, train, margs, config, lora_learning_rate=args.lora_lr)
     train_s = time.perf_counter() - start
-    if prune:
-        prune_hidden_units(model, prune)
+    global_std = median_global_std(model)
     encoder = TaskEncoder(tokenizer, max_length=args.max_length)
-    result = evaluate_tasks(model, held_out, encoder=encoder, **margs.evaluation_kwargs())
-    return {
-        "name": name,
-        "method": method,
-        "seed": seed,
-        "prune": prune,
-        "macro": result["macro"],
-        "pooled": result["pooled"],
-        "per_task": result["per_task"],
-        "train_seconds": train_s,
-        "eval_seconds": time.perf_counter() - start - train_s,
-    }
+    records = []
+    for prune in job["prune"]:
+        start = time.perf_counter()
+        with pruned(model, prune) if prune else nullcontext():
+            result = evaluate_tasks(model, held_out, encoder=encoder, **margs.evaluation_kwargs())
+        records.append(
+            {
+                "name": job["name"] + (f"-prune{prune:g}" if prune else ""),
+                "method": job["method"],
+                "seed": seed,
+                "prune": prune,
+                "macro": result["macro"],
+                "pooled": result["pooled"],
+                "per_task": result["per_task"],
+                "global_std": global_std,
+                "train_seconds": train_s,
+                "eval_seconds": time.perf_counter() - start,
+            }
+        )
+    return records
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``"prior_b0=1e-6"`` -> ``("prior_b0", 1e-06)``; the key must be an `ABMLLConfig` field."""
+    key, sep, raw = text.partition("=")
+    if not sep or key not in ABMLLConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"--set expects FIELD=VALUE with an ABMLLConfig field, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
 
 
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """(name, method, overrides, prune) for every configuration the flags ask for."""
-    jobs = []
-    for method in args.methods:
-        for beta in args.beta or [None]:
-            config = {} if beta is None else {"beta": beta}
-            suffix = "" if beta is None else f"-beta{beta:g}"
-            if method != "abmll" and beta is not None:
-                continue
-            for prune in args.prune or [0.0]:
-                tag = "" if not prune else f"-prune{prune:g}"
-                jobs.append(
-                    {"name": f"{method}{suffix}{tag}", "method": method, "config": config, "args": {}, "prune": prune}
-                )
+    """One job (name, method, config/argument overrides, prune fractions) per configuration the flags ask for."""
+    prune = [0.0, *(args.prune or [])]
+    jobs = [{"name": m, "method": m, "config": {}, "args": {}, "prune": prune} for m in args.methods]
+    if "abmll" in args.methods:
+        for beta in args.beta or []:
+            jobs.append({"name": f"abmll-beta{beta:g}", "method": "abmll", "config": {"beta": beta}, "args": {}})
+        for key, value in args.set or []:
+            jobs.append({"name": f"abmll-{key}={value}", "method": "abmll", "config": {key: value}, "args": {}})
     for variant in args.variants:
         spec = VARIANTS[variant]
-        jobs.append(
-            {
-                "name": f"abmll-{variant}",
-                "method": "abmll",
-                "config": spec.get("config", {}),
-                "args": spec.get("args", {}),
-                "prune": 0.0,
-            }
-        )
+        jobs.append({"name": f"abmll-{variant}", "method": "abmll", **{"config": {}, "args": {}, **spec}})
+    for job in jobs:
+        job.setdefault("prune", [0.0])
     return jobs
+
+
+def record_names(job: dict[str, Any]) -> list[str]:
+    return [job["name"] + (f"-prune{p:g}" if p else "") for p in job["prune"]]
 
 
 def summarise(records: list[dict[str, Any]]) -> str:
     names = list(dict.fromkeys(r["name"] for r in records))
-    lines = [f"{'configuration':<26} {'seeds':>5} {'accuracy':>15} {'ECE':>15} {'NLL':>15} {'train s':>8}"]
+    lines = [f"{'configuration':<28} {'seeds':>5} {'accuracy':>15} {'ECE':>15} {'NLL':>15} {'train s':>8}"]
     for name in names:
         rows = [r for r in records if r["name"] == name]
 
@@ -157,7 +196,7 @@ def summarise(records: list[dict[str, Any]]) -> str:
 
         train_s = statistics.mean(r["train_seconds"] for r in rows)
         lines.append(
-            f"{name:<26} {len(rows):>5} {stat('accuracy'):>15} {stat('ece'):>15} {stat('nll'):>15} {train_s:>8.0f}"
+            f"{name:<28} {len(rows):>5} {stat('accuracy'):>15} {stat('ece'):>15} {stat('nll'):>15} {train_s:>8.0f}"
         )
     return "\n".join(lines)
 
@@ -171,6 +210,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS))
     parser.add_argument("--beta", nargs="*", type=float, default=None, help="ABMLL beta ablation values.")
     parser.add_argument("--prune", nargs="*", type=float, default=None, help="Pruned fractions of hidden units.")
+    parser.add_argument(
+        "--set", nargs="*", type=parse_setting, default=None, metavar="FIELD=VALUE", help="ABMLLConfig ablations."
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40, help="Episodes (LoRA baselines: 5x as many steps).")
     parser.add_argument("--lr", type=float, default=1e-3, help="Global / outer learning rate.")
@@ -188,28 +230,18 @@ def main() -> None:
     out = Path(args.out)
     records = json.loads(out.read_text())["records"] if out.exists() else []
     done = {(r["name"], r["seed"]) for r in records}
-    for job in plan(args):
+    jobs = plan(args)
+    for job in jobs:
         for seed in args.seeds:
-            if (job["name"], seed) in done:
+            if all((name, seed) in done for name in record_names(job)):
                 continue
             print(f"== {job['name']} seed {seed}", file=sys.stderr, flush=True)
-            records.append(
-                run_one(
-                    job["name"],
-                    job["method"],
-                    seed,
-                    args,
-                    tasks,
-                    model_fn,
-                    tokenizer,
-                    prune=job["prune"],
-                    config_overrides=job["config"],
-                    arg_overrides=job["args"],
-                )
-            )
+            new = run_one(job, seed, args, tasks, model_fn, tokenizer)
+            records = [r for r in records if (r["name"], r["seed"]) not in {(n["name"], seed) for n in new}] + new
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"records": records, "settings": vars(args)}, indent=2))
-    print(summarise([r for r in records if r["name"] in {j["name"] for j in plan(args)}]))
+    wanted = {name for job in jobs for name in record_names(job)}
+    print(summarise([r for r in records if r["name"] in wanted]))
     print(f"\nwrote {out}")
 
 

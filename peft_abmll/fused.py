@@ -20,7 +20,7 @@ from typing import Any, TypedDict
 import torch
 import torch.nn.functional as F
 
-BLOCK_ENTRIES = 1 << 20  # entries of Delta W processed at once
+BLOCK_ENTRIES = 1 << 17  # entries of Delta W processed at once (a block of temporaries stays in cache)
 
 
 @dataclass(frozen=True)
@@ -40,16 +40,26 @@ class _Moments(TypedDict):
     dsigma: torch.Tensor | None  # None for ``linear``: d(sigma)/d(raw) is the constant ``scaling``
 
 
-def _block_moments(factors: tuple[torch.Tensor, ...], rows: slice, spec: ScaleSpec) -> _Moments:
-    """mean, sigma, variance and d(sigma)/d(raw) of the entries in `rows`."""
+def _prescaled(factors: tuple[torch.Tensor, ...], spec: ScaleSpec) -> tuple[torch.Tensor, ...]:
+    """The factors with ``scaling`` folded into the small ``A`` matrices, so no dense pass multiplies by it."""
     mean_A, mean_B, scale_A, scale_B = factors
-    mean = (mean_B[rows] @ mean_A) * spec.scaling
-    raw = scale_B[rows] @ scale_A
+    return (mean_A * spec.scaling, mean_B, scale_A * spec.scaling if spec.scale_type == "linear" else scale_A, scale_B)
+
+
+def _block_moments(scaled: tuple[torch.Tensor, ...], rows: slice, spec: ScaleSpec) -> _Moments:
+    """mean, sigma, variance and d(sigma)/d(raw) of the entries in `rows`, from `_prescaled` factors.
+
+    Every returned dense tensor is freshly allocated, so callers may overwrite them in place.
+    """
+    mean_A, mean_B, scale_A, scale_B = scaled
+    mean = mean_B[rows] @ mean_A
     if spec.scale_type == "linear":
-        sigma = spec.scaling * raw + spec.floor
-        return {"mean": mean, "sigma": sigma, "var": sigma.square() + spec.floor**2, "dsigma": None}
-    sigma = F.softplus(raw + spec.rho0) + spec.floor
-    return {"mean": mean, "sigma": sigma, "var": sigma.square(), "dsigma": torch.sigmoid(raw + spec.rho0)}
+        floor = torch.tensor(spec.floor, device=mean.device)
+        sigma = torch.addmm(floor, scale_B[rows], scale_A)
+        return {"mean": mean, "sigma": sigma, "var": torch.addcmul(floor.square(), sigma, sigma), "dsigma": None}
+    raw = (scale_B[rows] @ scale_A).add_(spec.rho0)
+    sigma = F.softplus(raw).add_(spec.floor)
+    return {"mean": mean, "sigma": sigma, "var": sigma.square(), "dsigma": raw.sigmoid_()}
 
 
 def _accumulate(
@@ -59,16 +69,26 @@ def _accumulate(
     g_mean: torch.Tensor,
     g_sigma: torch.Tensor,
     dsigma: torch.Tensor | None,
-    spec: ScaleSpec,
+    mean_sign: float = 1.0,
 ) -> None:
-    """Chain the entry gradients of one block into the four factor gradients (in place)."""
+    """Chain the entry gradients of one block into the four factor gradients (in place; `_finish` scales them).
+
+    `g_sigma` may be overwritten. `mean_sign` multiplies `g_mean` (saves a dense negation).
+    """
     mean_A, mean_B, scale_A, scale_B = factors
-    g_mean = g_mean * spec.scaling
-    g_raw = g_sigma * spec.scaling if dsigma is None else g_sigma * dsigma
-    grads[0] += mean_B[rows].T @ g_mean
-    grads[1][rows] += g_mean @ mean_A.T
-    grads[2] += scale_B[rows].T @ g_raw
-    grads[3][rows] += g_raw @ scale_A.T
+    g_raw = g_sigma if dsigma is None else g_sigma.mul_(dsigma)
+    grads[0].addmm_(mean_B[rows].T, g_mean, alpha=mean_sign)
+    grads[1][rows].addmm_(g_mean, mean_A.T, alpha=mean_sign)
+    grads[2].addmm_(scale_B[rows].T, g_raw)
+    grads[3][rows].addmm_(g_raw, scale_A.T)
+
+
+def _finish(grads: list[torch.Tensor], spec: ScaleSpec) -> None:
+    """Apply the chain-rule factor ``scaling`` that `_accumulate` leaves out (on the small factor gradients)."""
+    if not grads:
+        return
+    for i in (0, 1, 2, 3) if spec.scale_type == "linear" else (0, 1):
+        grads[i].mul_(spec.scaling)
 
 
 def _blocks(d_out: int, d_in: int) -> list[slice]:
@@ -85,25 +105,50 @@ def _saved(grads: list[torch.Tensor]) -> list[torch.Tensor | None]:
     return list(grads) if grads else [None] * 4
 
 
+def _kl_blocks(
+    q: tuple[torch.Tensor, ...],
+    p: tuple[torch.Tensor, ...],
+    spec: ScaleSpec,
+    grads_q: list[torch.Tensor],
+    grads_p: list[torch.Tensor],
+) -> torch.Tensor:
+    """``sum KL(q || p)`` over all entries, accumulating the wanted factor gradients (empty list: not wanted).
+
+    Per entry, with ``ratio = var_q / var_p`` and ``diff = mean_q - mean_p``:
+    ``2 KL = ratio - log(ratio) - 1 + diff**2 / var_p``;
+    ``d KL / d mean_q = diff / var_p``, ``d KL / d sigma_q = (1/var_p - 1/var_q) sigma_q``,
+    ``d KL / d sigma_p = (1 - (var_q + diff**2) / var_p) sigma_p / var_p``.
+    """
+    total = torch.zeros((), device=q[0].device)
+    if all(torch.equal(a, b) for a, b in zip(q, p)):  # equal laws (e.g. right after a reset): KL and grads are 0
+        return total
+    q_scaled, p_scaled = _prescaled(q, spec), _prescaled(p, spec)
+    for rows in _blocks(q[1].shape[0], q[0].shape[1]):
+        mq, mp = _block_moments(q_scaled, rows, spec), _block_moments(p_scaled, rows, spec)
+        diff = mq["mean"].sub_(mp["mean"])
+        inv_p = mp["var"].reciprocal_()
+        ratio = mq["var"] * inv_p  # exactly 1 for equal laws, so the KL is exactly 0 there
+        g_mean = diff * inv_p
+        total += ratio.sum() + torch.dot(g_mean.view(-1), diff.view(-1)) - diff.numel()
+        if grads_p:
+            g_sigma = torch.addcmul(ratio, diff, g_mean).neg_().add_(1.0).mul_(inv_p).mul_(mp["sigma"])
+            _accumulate(grads_p, p, rows, g_mean, g_sigma, mp["dsigma"], mean_sign=-1.0)
+        total -= ratio.log_().sum()
+        if grads_q:
+            g_sigma = mq["var"].reciprocal_().neg_().add_(inv_p).mul_(mq["sigma"])
+            _accumulate(grads_q, q, rows, g_mean, g_sigma, mq["dsigma"])
+    _finish(grads_q, spec)
+    _finish(grads_p, spec)
+    return 0.5 * total
+
+
 class _KL(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, spec: ScaleSpec, *factors: torch.Tensor) -> torch.Tensor:
         q, p = tuple(f.float() for f in factors[:4]), tuple(f.float() for f in factors[4:])
-        want_q, want_p = any(ctx.needs_input_grad[1:5]), any(ctx.needs_input_grad[5:9])
-        grads_q, grads_p = _zeros(q, want_q), _zeros(p, want_p)
-        total = torch.zeros((), device=q[0].device)
-        for rows in _blocks(q[1].shape[0], q[0].shape[1]):
-            mq, mp = _block_moments(q, rows, spec), _block_moments(p, rows, spec)
-            diff = mq["mean"] - mp["mean"]
-            inv_p = 1.0 / mp["var"]
-            ratio = mq["var"] / mp["var"]  # exactly 1 for equal laws, so the KL is exactly 0 there
-            total += 0.5 * (ratio - torch.log(ratio) - 1.0 + diff.square() * inv_p).sum()
-            if want_q:
-                g_sigma = (inv_p - 1.0 / mq["var"]) * mq["sigma"]
-                _accumulate(grads_q, q, rows, diff * inv_p, g_sigma, mq["dsigma"], spec)
-            if want_p:
-                g_sigma = (inv_p - (mq["var"] + diff.square()) * inv_p.square()) * mp["sigma"]
-                _accumulate(grads_p, p, rows, -diff * inv_p, g_sigma, mp["dsigma"], spec)
+        grads_q = _zeros(q, any(ctx.needs_input_grad[1:5]))
+        grads_p = _zeros(p, any(ctx.needs_input_grad[5:9]))
+        total = _kl_blocks(q, p, spec, grads_q, grads_p)
         ctx.save_for_backward(*_saved(grads_q), *_saved(grads_p))
         ctx.dtypes = [f.dtype for f in factors]
         return total
@@ -119,21 +164,22 @@ class _LogPrior(torch.autograd.Function):
     def forward(ctx: Any, spec: ScaleSpec, prior: tuple[float, float, float], *factors: torch.Tensor) -> torch.Tensor:
         p = tuple(f.float() for f in factors)
         mean_std, a0, b0 = prior
-        want = any(ctx.needs_input_grad[2:6])
-        grads = _zeros(p, want)
-        const_n = -0.5 * math.log(2 * math.pi * mean_std**2)
-        const_g = a0 * math.log(b0) - math.lgamma(a0)
+        grads = _zeros(p, any(ctx.needs_input_grad[2:6]))
+        const = -0.5 * math.log(2 * math.pi * mean_std**2) + a0 * math.log(b0) - math.lgamma(a0)
         total = torch.zeros((), device=p[0].device)
+        scaled = _prescaled(p, spec)
         for rows in _blocks(p[1].shape[0], p[0].shape[1]):
-            m = _block_moments(p, rows, spec)
-            precision = 1.0 / m["var"]
-            log_prec = -torch.log(m["var"])
-            n = m["mean"].numel()
-            total += n * (const_n + const_g) - (m["mean"].square().sum() / (2 * mean_std**2))
-            total += ((a0 - 1.0) * log_prec - b0 * precision).sum()
-            if want:
-                g_var = -(a0 - 1.0) * precision + b0 * precision.square()
-                _accumulate(grads, p, rows, -m["mean"] / mean_std**2, 2.0 * m["sigma"] * g_var, m["dsigma"], spec)
+            m = _block_moments(scaled, rows, spec)
+            mean = m["mean"].view(-1)
+            total += mean.numel() * const - torch.dot(mean, mean) / (2 * mean_std**2)
+            total -= (a0 - 1.0) * m["var"].log().sum()
+            precision = m["var"].reciprocal_()
+            total -= b0 * precision.sum()
+            if grads:
+                # d/d sigma = 2 sigma d/d var, d/d var = precision * (b0 * precision - (a0 - 1))
+                g_sigma = (precision * b0).sub_(a0 - 1.0).mul_(precision).mul_(m["sigma"]).mul_(2.0)
+                _accumulate(grads, p, rows, m["mean"], g_sigma, m["dsigma"], mean_sign=-1.0 / mean_std**2)
+        _finish(grads, spec)
         ctx.save_for_backward(*_saved(grads))
         ctx.dtypes = [f.dtype for f in factors]
         return total

@@ -85,6 +85,12 @@ def test_fused_kl_is_exactly_zero_for_equal_laws_and_skips_unneeded_grads() -> N
     assert kl.item() == 0.0
     grads = torch.autograd.grad(kl, q)
     assert all(torch.count_nonzero(g) == 0 for g in grads)
+    both = tuple(t.detach().clone().requires_grad_() for t in q)  # equal laws, gradients wanted on both sides
+    kl = fused.fused_kl(q, both, SPECS[1])
+    assert kl.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in torch.autograd.grad(kl, q + both))
+    nudged = (both[0].detach() + 1e-3, *both[1:])  # any difference leaves the shortcut: KL > 0
+    assert fused.fused_kl(q, nudged, SPECS[1]).item() > 0
 
 
 def test_fused_kl_float32_inputs_give_float32_grads() -> None:
