@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -192,10 +193,31 @@ def _letter_probs(
     for s in range(samples):
         scope = tuner.posterior_sample(s) if tuner is not None and sample_mode else contextlib.nullcontext()
         with scope:
-            logits = model(**batch).logits
-        rows = logits[torch.arange(len(last)), last][:, letter_ids.to(logits.device)].float().cpu()
+            logits = _logits_at(model, batch, last)
+        rows = logits[:, letter_ids.to(logits.device)].float().cpu()
         total += torch.softmax(rows.masked_fill(~mask, float("-inf")), dim=-1)
     return total / samples
+
+
+def _logits_at(model: nn.Module, batch: dict, last: torch.Tensor) -> torch.Tensor:
+    """``(batch, vocab)`` logits at position ``last[i]`` of row ``i``.
+
+    Models whose forward takes transformers' ``logits_to_keep`` compute the vocabulary projection at those
+    positions only (less time, and no ``batch x length x vocab`` tensor); others fall back to all positions.
+    """
+    rows = torch.arange(len(last), device=last.device)
+    if _takes_logits_to_keep(model):
+        keep, inverse = torch.unique(last, return_inverse=True)
+        logits = model(**batch, logits_to_keep=keep).logits
+        if logits.shape[1] == len(keep):
+            return logits[rows, inverse]
+        return logits[rows, last]  # the model accepted but ignored the argument: all positions came back
+    return model(**batch).logits[rows, last]
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _predictive_sample(tuner: ABMLLModel) -> bool:

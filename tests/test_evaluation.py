@@ -61,6 +61,22 @@ def test_predict_proba_monte_carlo_averages_posterior_samples(tok, family) -> No
     assert not torch.allclose(singles[0], singles[1], atol=1e-5)
 
 
+def test_predict_proba_same_with_and_without_logits_to_keep(tok, family, monkeypatch) -> None:
+    from peft_abmll import adaptation
+
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig(init_weights=False, init_std=0.05))
+    examples = peft_abmll.prepare_tasks(family)["t0"][:7]  # varied prompt lengths, batch 3: ragged last positions
+    positions = []
+    head = model.get_base_model().lm_head
+    hook = head.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[1]))
+    kept = peft_abmll.predict_proba(model, examples, tokenizer=tok, batch_size=3, num_samples=2)
+    hook.remove()
+    assert positions and max(positions) <= 3  # the vocabulary projection ran on the needed positions only
+    monkeypatch.setattr(adaptation, "_takes_logits_to_keep", lambda model: False)
+    full = peft_abmll.predict_proba(model, examples, tokenizer=tok, batch_size=3, num_samples=2)
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
+
+
 def _args(tmp_path, **kwargs) -> MetaTrainingArguments:
     defaults = dict(
         output_dir=str(tmp_path),
