@@ -201,6 +201,30 @@ def summarise(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_pruning(records: list[dict[str, Any]], path: Path) -> Path:
+    """Held-out accuracy and ECE (mean over seeds) against the pruned fraction, one line per method (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for method in dict.fromkeys(r["method"] for r in records if r["prune"]):
+        rows = [r for r in records if r["name"] == method or r["name"].startswith(f"{method}-prune")]
+        fractions = sorted({r["prune"] for r in rows})
+        for ax, key in zip(axes, ("accuracy", "ece")):
+            means = [statistics.mean(r["macro"][key] for r in rows if r["prune"] == f) for f in fractions]
+            ax.plot([100 * f for f in fractions], means, marker="o", label=method)
+    for ax, key in zip(axes, ("held-out accuracy", "ECE")):
+        ax.set_xlabel("hidden units pruned (%)")
+        ax.set_ylabel(key)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -243,6 +267,9 @@ def main() -> None:
     wanted = {name for job in jobs for name in record_names(job)}
     print(summarise([r for r in records if r["name"] in wanted]))
     print(f"\nwrote {out}")
+    if args.prune:
+        png = plot_pruning([r for r in records if r["name"] in wanted], out.with_suffix(".png"))
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":
