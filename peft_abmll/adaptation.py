@@ -208,10 +208,14 @@ def _logits_at(model: nn.Module, batch: dict, last: torch.Tensor) -> torch.Tenso
     rows = torch.arange(len(last), device=last.device)
     if _takes_logits_to_keep(model):
         keep, inverse = torch.unique(last, return_inverse=True)
-        logits = model(**batch, logits_to_keep=keep).logits
-        if logits.shape[1] == len(keep):
+        try:
+            logits = model(**batch, logits_to_keep=keep).logits
+        except (TypeError, IndexError, ValueError):  # a custom model that only takes an int: use all positions
+            logits = None
+        if logits is not None and logits.shape[1] == len(keep):
             return logits[rows, inverse]
-        return logits[rows, last]  # the model accepted but ignored the argument: all positions came back
+        if logits is not None and logits.shape[1] > int(last.max()):
+            return logits[rows, last]  # the model accepted but ignored the argument: all positions came back
     return model(**batch).logits[rows, last]
 
 
