@@ -183,10 +183,11 @@ def record_names(job: dict[str, Any]) -> list[str]:
     return [job["name"] + (f"-prune{p:g}" if p else "") for p in job["prune"]]
 
 
-def summarise(records: list[dict[str, Any]]) -> str:
-    names = list(dict.fromkeys(r["name"] for r in records))
-    lines = [f"{'configuration':<28} {'seeds':>5} {'accuracy':>15} {'ECE':>15} {'NLL':>15} {'train s':>8}"]
-    for name in names:
+def summarise(records: list[dict[str, Any]], markdown: bool = False) -> str:
+    """One row per configuration: macro accuracy / ECE / NLL / Brier as mean ± std over seeds, global std, time."""
+    header = ["configuration", "seeds", "accuracy", "ECE", "NLL", "Brier", "global σ", "train s"]
+    table = []
+    for name in dict.fromkeys(r["name"] for r in records):
         rows = [r for r in records if r["name"] == name]
 
         def stat(key: str, rows: list = rows) -> str:
@@ -194,11 +195,18 @@ def summarise(records: list[dict[str, Any]]) -> str:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
-        train_s = statistics.mean(r["train_seconds"] for r in rows)
-        lines.append(
-            f"{name:<28} {len(rows):>5} {stat('accuracy'):>15} {stat('ece'):>15} {stat('nll'):>15} {train_s:>8.0f}"
-        )
-    return "\n".join(lines)
+        stds = [r["global_std"] for r in rows if r.get("global_std") is not None]
+        sigma = f"{statistics.mean(stds):.1e}" if stds else "-"
+        train_s = f"{statistics.mean(r['train_seconds'] for r in rows):.0f}"
+        table.append([name, str(len(rows)), *map(stat, ("accuracy", "ece", "nll", "brier")), sigma, train_s])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table])
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in [header, *table]
+    )
 
 
 def plot_pruning(records: list[dict[str, Any]], path: Path) -> Path:
@@ -247,6 +255,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results/quality.json")
     parser.add_argument("--work-dir", default="/tmp/abmll-quality")
+    parser.add_argument("--markdown", action="store_true", help="Print the table as Markdown (for docs/).")
     args = parser.parse_args()
 
     model_fn, tokenizer = load_causal_lm(args.model)
@@ -265,7 +274,7 @@ def main() -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"records": records, "settings": vars(args)}, indent=2))
     wanted = {name for job in jobs for name in record_names(job)}
-    print(summarise([r for r in records if r["name"] in wanted]))
+    print(summarise([r for r in records if r["name"] in wanted], markdown=args.markdown))
     print(f"\nwrote {out}")
     if args.prune:
         png = plot_pruning([r for r in records if r["name"] in wanted], out.with_suffix(".png"))
