@@ -1,0 +1,70 @@
+"""The logic of `benchmarks/quality.py` that its numbers depend on: pruning, ablation plans, tables."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from _models import tiny_llama
+from peft import get_peft_model
+
+from peft_abmll import ABMLLConfig
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+_spec = importlib.util.spec_from_file_location("quality_benchmark", _PATH)
+quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality)
+
+
+def _mlps(model):
+    return [m for m in model.modules() if hasattr(m, "down_proj") and hasattr(m, "up_proj")]
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5])
+def test_prune_zeroes_the_smallest_hidden_units_of_every_layer(fraction) -> None:
+    model = get_peft_model(tiny_llama(), ABMLLConfig(target_modules=["down_proj", "q_proj"]))
+    scores = [m.down_proj.get_base_layer().weight.norm(dim=0) * m.up_proj.weight.norm(dim=1) for m in _mlps(model)]
+    pruned = quality.prune_hidden_units(model, fraction)
+    hidden = scores[0].numel()
+    assert pruned == len(scores) * int(fraction * hidden)
+    for mlp, score in zip(_mlps(model), scores):
+        dead = (mlp.up_proj.weight == 0).all(dim=1) & (mlp.down_proj.get_base_layer().weight == 0).all(dim=0)
+        assert int(dead.sum()) == int(fraction * hidden)
+        assert score[dead].max() <= score[~dead].min()  # the smallest-magnitude units went first
+
+
+def test_pruned_block_restores_the_weights_exactly() -> None:
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with quality.pruned(model, 0.3):
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_set_ablations_name_jobs_and_refuse_unknown_fields() -> None:
+    assert quality.parse_setting("prior_b0=1e-6") == ("prior_b0", 1e-6)
+    assert quality.parse_setting("scale_type=softplus") == ("scale_type", "softplus")
+    with pytest.raises(argparse.ArgumentTypeError, match="ABMLLConfig field"):
+        quality.parse_setting("not_a_field=1")
+    args = argparse.Namespace(
+        methods=["pretrained", "abmll"], beta=[1.0], set=[("prior_b0", 1e-6)], variants=["weight"], prune=[0.5]
+    )
+    jobs = {job["name"]: job for job in quality.plan(args)}
+    assert set(jobs) == {"pretrained", "abmll", "abmll-beta1", "abmll-prior_b0=1e-06", "abmll-weight"}
+    assert jobs["abmll-prior_b0=1e-06"]["config"] == {"prior_b0": 1e-6}
+    assert jobs["abmll"]["prune"] == [0.0, 0.5] and jobs["abmll-weight"]["prune"] == [0.0]
+    assert quality.record_names(jobs["pretrained"]) == ["pretrained", "pretrained-prune0.5"]
+
+
+def test_summary_table_averages_seeds() -> None:
+    def record(name, seed, acc):
+        metrics = {"accuracy": acc, "ece": 0.1, "nll": 1.0, "brier": 0.5}
+        return {"name": name, "seed": seed, "macro": metrics, "train_seconds": 1.0, "global_std": None}
+
+    table = quality.summarise([record("a", 0, 0.2), record("a", 1, 0.4), record("b", 0, 0.5)], markdown=True)
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert "| a | 2 | 0.300 ± 0.141 |" in lines[2] and "| b | 1 | 0.500 ± 0.000 |" in lines[3]
