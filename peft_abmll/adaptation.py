@@ -220,7 +220,7 @@ def _logits_at(model: nn.Module, batch: dict, last: torch.Tensor) -> torch.Tenso
 
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 

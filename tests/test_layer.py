@@ -171,6 +171,15 @@ def test_kl_divergence_is_differentiable_for_both_posteriors(tiny_llama: nn.Modu
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
+def test_prior_b0_none_matches_the_gamma_mean_precision_to_init_std() -> None:
+    matched = _abmll(tiny_llama(), init_weights=False, init_std=0.05, prior_a0=2.0, prior_b0=None)
+    explicit = _abmll(tiny_llama(), init_weights=False, init_std=0.05, prior_a0=2.0, prior_b0=2.0 * 0.05**2)
+    abml = _abmll(tiny_llama(), init_weights=False, init_std=0.05, prior_a0=2.0)
+    assert matched.peft_config["default"].gamma_rate == pytest.approx(0.005)
+    torch.testing.assert_close(matched.log_prior(), explicit.log_prior())
+    assert not torch.isclose(matched.log_prior(), abml.log_prior())  # ABML's b0 = 0.01 is another prior
+
+
 # ----------------------------------------------------------------------------------------- sampled outputs
 DRAWS = 4000
 

@@ -125,8 +125,13 @@ class ABMLLConfig(PeftConfig):
     prior_a0: float = field(
         default=1.0, metadata={"help": "Shape a0 of the Gamma hyperprior on the global precision 1/sigma^2 (ABML: 1)."}
     )
-    prior_b0: float = field(
-        default=0.01, metadata={"help": "Rate b0 of the Gamma hyperprior on the global precision (ABML: 0.01)."}
+    prior_b0: Optional[float] = field(
+        default=0.01,
+        metadata={
+            "help": "Rate b0 of the Gamma hyperprior on the global precision (ABML: 0.01). None: prior_a0 * "
+            "init_std**2, which puts the prior's mean precision a0/b0 at 1/init_std**2, the scale of the initial "
+            "posterior (ABML's 0.01 suits weights of order 0.1, not weight updates of order init_std)."
+        },
     )
     prior_mean_std: float = field(
         default=1.0,
@@ -201,6 +206,11 @@ class ABMLLConfig(PeftConfig):
         """The LoRA scaling ``s = lora_alpha / r``."""
         return self.lora_alpha / self.r
 
+    @property
+    def gamma_rate(self) -> float:
+        """The Gamma hyperprior's rate: ``prior_b0``, or ``prior_a0 * init_std**2`` when it is None."""
+        return self.prior_a0 * self.init_std**2 if self.prior_b0 is None else self.prior_b0
+
     def _validate(self) -> None:
         """Raise a ValueError naming the field and the fix for any inconsistent value."""
         _require(
@@ -236,6 +246,8 @@ class ABMLLConfig(PeftConfig):
         _require(_finite(self.beta) and self.beta >= 0, "beta", self.beta, "a non-negative weight, e.g. 1e-7")
         for name in ("prior_a0", "prior_b0", "prior_mean_std"):
             value = getattr(self, name)
+            if name == "prior_b0" and value is None:
+                continue
             _require(_finite(value) and value > 0, name, value, "a positive number")
         _require(
             _integer(self.num_samples) and self.num_samples >= 1,

@@ -322,7 +322,7 @@ def _layer_settings(config: ABMLLConfig) -> dict[str, Any]:
         "predictive_mode": config.predictive_mode,
         "sample_seed": config.sample_seed,
         "prior_a0": config.prior_a0,
-        "prior_b0": config.prior_b0,
+        "prior_b0": config.gamma_rate,
         "prior_mean_std": config.prior_mean_std,
     }
 
