@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach the Hub; set before transformers is imported
+# Nor PyPI: an asset fetch that a test did not point at its own fake index is refused at once (port 9: discard).
+os.environ["PEFT_ABMLL_INDEX_URL"] = "http://127.0.0.1:9/simple"
 
 from typing import Any
 

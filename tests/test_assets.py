@@ -4,6 +4,7 @@ caching (with the GGUF conversion replaced by a tiny random Llama), and local / 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -17,6 +18,7 @@ import datasets.config
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _index import serve
 from datasets import ClassLabel, Dataset, Features, Value
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -204,22 +206,63 @@ def test_index_and_task_cache_reused(archive: Path, monkeypatch: pytest.MonkeyPa
     assert assets.list_bigbench_tasks(archive)
 
 
-def test_bigbench_archive_fetch(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(RuntimeError, match=re.escape("pip download --no-deps --no-binary :all: bigbench==1.0.0")):
+def _served_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """The fake archive's bytes; `ARCHIVE_SHA256` is pointed at their digest."""
+    data = _make_archive(tmp_path / "served.tar.gz").read_bytes()
+    monkeypatch.setattr(bigbench, "ARCHIVE_SHA256", hashlib.sha256(data).hexdigest())
+    return data
+
+
+def _no_pip(*args: object, **kwargs: object) -> None:
+    raise AssertionError("pip was called although the index served the archive")
+
+
+def test_bigbench_archive_fetch(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _served_archive(tmp_path, monkeypatch)
+    with pytest.raises(RuntimeError, match=r"not cached at .*place the file there yourself"):
         assets.bigbench_archive(install=False)
+    monkeypatch.setattr(bigbench.subprocess, "run", _no_pip)
+    with serve({"bigbench-0.0.1.tar.gz": b"old", bigbench.ARCHIVE_NAME: data}) as index:
+        monkeypatch.setenv("PEFT_ABMLL_INDEX_URL", index.url + "/")
+        path = assets.bigbench_archive()
+        assert path == cache_dir / "downloads" / "bigbench-1.0.0.tar.gz" and path.read_bytes() == data
+        assert os.listdir(path.parent) == [path.name]
+        assert assets.bigbench_archive(install=False) == path and assets.bigbench_archive() == path
+    assert index.requests == ["/simple/bigbench/", "/files/bigbench-1.0.0.tar.gz"]  # fetched once, cached after
+    assert len(assets.load_bigbench_task("alpha")) == 3  # default archive = the cached one
+
+
+def test_bigbench_archive_falls_back_to_pip(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _served_archive(tmp_path, monkeypatch)
     calls = []
 
     def fake_pip(cmd: list[str], check: bool) -> None:
         calls.append(cmd)
-        _make_archive(Path(cmd[cmd.index("-d") + 1]) / "bigbench-1.0.0.tar.gz")
+        (Path(cmd[cmd.index("-d") + 1]) / "bigbench-1.0.0.tar.gz").write_bytes(data)
 
     monkeypatch.setattr(bigbench.subprocess, "run", fake_pip)
-    path = assets.bigbench_archive()
-    assert path == cache_dir / "downloads" / "bigbench-1.0.0.tar.gz" and tarfile.is_tarfile(path)
-    assert os.listdir(path.parent) == [path.name]
-    assert assets.bigbench_archive(install=False) == path and len(calls) == 1
-    assert "install" not in calls[0] and "--no-binary" in calls[0]
-    assert len(assets.load_bigbench_task("alpha")) == 3  # default archive = the cached one
+    with serve({}) as index:  # an index that does not list the file
+        monkeypatch.setenv("PEFT_ABMLL_INDEX_URL", index.url)
+        path = assets.bigbench_archive()
+    assert path.read_bytes() == data and len(calls) == 1
+    assert calls[0][1:8] == ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "bigbench==1.0.0"]
+
+
+def test_bigbench_archive_with_wrong_digest_is_refused(
+    cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _served_archive(tmp_path, monkeypatch)
+    tampered = data[:-1] + bytes([data[-1] ^ 1])
+
+    def fake_pip(cmd: list[str], check: bool) -> None:
+        (Path(cmd[cmd.index("-d") + 1]) / "bigbench-1.0.0.tar.gz").write_bytes(tampered)
+
+    monkeypatch.setattr(bigbench.subprocess, "run", fake_pip)
+    with serve({bigbench.ARCHIVE_NAME: tampered}) as index:
+        monkeypatch.setenv("PEFT_ABMLL_INDEX_URL", index.url)
+        with pytest.raises(RuntimeError, match=r"from the index: .*sha256 .*with pip: .*sha256.*PEFT_ABMLL_INDEX_URL"):
+            assets.bigbench_archive()
+    assert os.listdir(cache_dir / "downloads") == []  # nothing unverified is kept
 
 
 # ----------------------------------------------------------------------------------------------- SmolLM2

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _index import serve
 from _models import TESTS_DIR, VOCAB, llama_config, make_inputs
 from _tasks import task_family, tiny_lm, tiny_tokenizer
 from datasets import Dataset
@@ -539,23 +540,25 @@ def _archive(path: Path) -> Path:
 
 def test_interrupted_archive_fetch_is_redone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ABMLL_CACHE", str(tmp_path / "cache"))
-    calls: list[str] = []
+    data = _archive(tmp_path / "served.tar.gz").read_bytes()
+    monkeypatch.setattr(bigbench, "ARCHIVE_SHA256", hashlib.sha256(data).hexdigest())
+    pip_calls: list[list[str]] = []
 
-    def pip(cmd: list[str], check: bool) -> None:
-        calls.append("pip")
-        target = Path(cmd[cmd.index("-d") + 1]) / bigbench.ARCHIVE_NAME
-        if len(calls) == 1:
-            target.write_bytes(b"\x1f\x8b partial")  # the connection drops mid-download
-            raise subprocess.CalledProcessError(1, cmd)
-        _archive(target)
+    def pip(cmd: list[str], check: bool) -> None:  # the fallback fails too (no network for pip)
+        pip_calls.append(cmd)
+        raise subprocess.CalledProcessError(1, cmd)
 
     monkeypatch.setattr(bigbench.subprocess, "run", pip)
-    with pytest.raises(subprocess.CalledProcessError):
-        bigbench.bigbench_archive()
-    downloads = tmp_path / "cache" / "downloads"
-    assert os.listdir(downloads) == []  # the partial file was never moved into place
-    path = bigbench.bigbench_archive()
-    assert calls == ["pip", "pip"] and tarfile.is_tarfile(path) and os.listdir(downloads) == [path.name]
+    with serve({bigbench.ARCHIVE_NAME: data}) as index:
+        monkeypatch.setenv("PEFT_ABMLL_INDEX_URL", index.url)
+        index.truncate = len(data) // 2  # the connection drops mid-download
+        with pytest.raises(RuntimeError, match=r"Could not fetch bigbench-1\.0\.0\.tar\.gz"):
+            bigbench.bigbench_archive()
+        downloads = tmp_path / "cache" / "downloads"
+        assert os.listdir(downloads) == []  # the partial file was never moved into place
+        index.truncate = None
+        path = bigbench.bigbench_archive()
+    assert len(pip_calls) == 1 and path.read_bytes() == data and os.listdir(downloads) == [path.name]
 
 
 def test_damaged_asset_cache_is_detected_and_redone(

@@ -1,6 +1,6 @@
 """BIG-bench multiple-choice tasks read straight out of the ``bigbench==1.0.0`` source archive on PyPI.
 
-The 358 MB sdist is fetched once with ``pip download`` (never installed: it pulls tensorflow) into
+The 358 MB sdist is fetched once from the package index, sha256-checked (never installed: it pulls tensorflow), into
 ``<cache>/downloads``. One scan of the archive builds a JSON index (task name -> offset/size of its
 ``task.json`` in the uncompressed tar, and whether it looks multiple choice); each converted task is
 then cached as a small parquet file, so later runs touch neither the index scan nor the tar.
@@ -13,6 +13,8 @@ index of the option with the unique highest positive ``target_scores`` entry).
 from __future__ import annotations
 
 import gzip
+import hashlib
+import http.client
 import io
 import json
 import logging
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
+import urllib.request
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -40,6 +44,9 @@ logger = logging.getLogger("peft_abmll")
 
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
+ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"  # as published on PyPI
+DEFAULT_INDEX_URL = "https://pypi.org/simple"
+PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_REQUIREMENT]
 TASKS_DIR = "bigbench/benchmark_tasks/"
 TASK_NAME_RE = re.compile(r"[A-Za-z0-9_]+(?:/[A-Za-z0-9_]+)?")
 INDEX_VERSION = 1
@@ -57,30 +64,93 @@ _SKIP_CHUNK = 8 << 20
 
 
 # ----------------------------------------------------------------------------------------------- archive
+def index_url() -> str:
+    """The package index to fetch the sdist from: ``$PEFT_ABMLL_INDEX_URL``, ``$PIP_INDEX_URL`` or PyPI."""
+    url = os.environ.get("PEFT_ABMLL_INDEX_URL") or os.environ.get("PIP_INDEX_URL") or DEFAULT_INDEX_URL
+    return url.rstrip("/")
+
+
+def _archive_url(index: str) -> str:
+    """URL of `ARCHIVE_NAME` in the Simple API (PEP 691 JSON) listing of ``bigbench`` on ``index``."""
+    request = urllib.request.Request(f"{index}/bigbench/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        listing = json.load(response)
+    for entry in listing.get("files", []):
+        if entry.get("filename") == ARCHIVE_NAME:
+            return urllib.parse.urljoin(f"{index}/bigbench/", entry["url"])
+    raise RuntimeError(f"{index}/bigbench/ does not list {ARCHIVE_NAME}")
+
+
+def _download_verified(url: str, dest: Path) -> None:
+    """Stream ``url`` to ``dest`` with a progress bar; raise if its sha256 is not `ARCHIVE_SHA256`."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=ARCHIVE_NAME) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    if digest.hexdigest() != ARCHIVE_SHA256:
+        raise RuntimeError(f"{url}: sha256 {digest.hexdigest()} is not the published {ARCHIVE_SHA256}")
+
+
+def _pip_download(dest_dir: Path) -> None:
+    """Fallback for indexes without the JSON Simple API: ``pip download`` (older pip versions only)."""
+    subprocess.run([*PIP_DOWNLOAD, "-d", str(dest_dir)], check=True)
+    got = dest_dir / ARCHIVE_NAME
+    if not got.is_file():
+        raise RuntimeError(f"pip download did not produce {ARCHIVE_NAME} (got {sorted(os.listdir(dest_dir))})")
+    with open(got, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    if sha256 != ARCHIVE_SHA256:
+        raise RuntimeError(f"pip download gave {ARCHIVE_NAME} with sha256 {sha256}, not the published {ARCHIVE_SHA256}")
+
+
+def _fetch(dest_dir: Path) -> Path:
+    """Download `ARCHIVE_NAME` into ``dest_dir``: from the index, else with pip; raise naming both failures."""
+    got = dest_dir / ARCHIVE_NAME
+    try:
+        _download_verified(_archive_url(index_url()), got)
+        return got
+    except (OSError, ValueError, RuntimeError, http.client.HTTPException) as error:
+        index_error = error
+    logger.warning("Index download failed (%s); trying `pip download`", index_error)
+    got.unlink(missing_ok=True)
+    try:
+        _pip_download(dest_dir)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as pip_error:
+        raise RuntimeError(
+            f"Could not fetch {ARCHIVE_NAME}: from the index: {index_error}; with pip: {pip_error}. "
+            f"Set PEFT_ABMLL_INDEX_URL to a reachable package index, or download the file "
+            f"(sha256 {ARCHIVE_SHA256}) to {cache_root() / 'downloads' / ARCHIVE_NAME}."
+        ) from pip_error
+    return got
+
+
 def bigbench_archive(install: bool = True) -> Path:
-    """Path of the cached ``bigbench-1.0.0.tar.gz`` sdist, fetching it with ``pip download`` if missing (358 MB).
+    """Path of the cached ``bigbench-1.0.0.tar.gz`` sdist (358 MB), downloading it if missing.
+
+    The file comes from the package index (`index_url`, PyPI by default) and is checked against its
+    published sha256. ``pip download`` is only a fallback: recent pip (26.3 here) refuses to prepare its
+    metadata (it declares a direct-URL dependency), so it cannot be the main path.
 
     Args:
-        install: allow the download; if False and the archive is not cached, raise with the command to run.
+        install: allow the download; if False and the archive is not cached, raise with what to run.
     """
     downloads = cache_root() / "downloads"
     final = downloads / ARCHIVE_NAME
     if final.is_file():
         return final
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_REQUIREMENT]
     if not install:
         raise RuntimeError(
-            f"The BIG-bench archive is not cached at {final}. Fetch it (358 MB) with\n"
-            f"    {' '.join(cmd)} -d {downloads}\nor call bigbench_archive(install=True)."
+            f"The BIG-bench archive is not cached at {final}. Call bigbench_archive(install=True) to fetch it "
+            f"(358 MB, sha256 {ARCHIVE_SHA256}) from {index_url()}, or place the file there yourself."
         )
     downloads.mkdir(parents=True, exist_ok=True)
-    logger.warning("Downloading the %s sdist (358 MB) from PyPI into %s", BIGBENCH_REQUIREMENT, downloads)
-    with tempfile.TemporaryDirectory(prefix=".pip-download-", dir=downloads) as tmp:
-        subprocess.run([*cmd, "-d", tmp], check=True)
-        got = Path(tmp) / ARCHIVE_NAME
-        if not got.is_file():
-            raise RuntimeError(f"pip download did not produce {ARCHIVE_NAME} (got {sorted(os.listdir(tmp))})")
-        os.replace(got, final)
+    logger.warning("Downloading the %s sdist (358 MB) from %s into %s", BIGBENCH_REQUIREMENT, index_url(), downloads)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=downloads) as tmp:
+        os.replace(_fetch(Path(tmp)), final)
     return final
 
 
