@@ -35,7 +35,7 @@ from peft_abmll.baselines import METHODS, train_method
 from peft_abmll.cli import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from peft_abmll.data import TaskEncoder
 from peft_abmll.experiment import load_causal_lm, resolve_tasks
-from peft_abmll.meta.arguments import MetaTrainingArguments
+from peft_abmll.meta.arguments import DEFAULT_INNER_LR, MetaTrainingArguments
 from peft_abmll.tuner.config import ABMLLConfig
 from peft_abmll.tuner.layer import ABMLLLayer
 
@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40, help="Episodes (LoRA baselines: 5x as many steps).")
     parser.add_argument("--lr", type=float, default=1e-3, help="Global / outer learning rate.")
-    parser.add_argument("--inner-lr", type=float, default=1e-3)
+    parser.add_argument("--inner-lr", type=float, default=DEFAULT_INNER_LR, help="Inner and test-time learning rate.")
     parser.add_argument("--adapt-lr", type=float, default=None)
     parser.add_argument("--lora-lr", type=float, default=None, help="Regular / structured LoRA learning rate.")
     parser.add_argument("--max-query", type=int, default=200)

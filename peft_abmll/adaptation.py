@@ -25,6 +25,7 @@ from torch import nn
 
 from .data import TaskData, TaskEncoder, prepare_tasks, seeded_torch_rng
 from .meta.algorithms import SnapshotView, abmll_tuner, inner_loop, make_view
+from .meta.arguments import DEFAULT_INNER_LR
 from .metrics import classification_metrics, plot_reliability_diagram
 from .tuner.model import ABMLLModel
 
@@ -56,7 +57,7 @@ def adapt(
     encoder: Optional[TaskEncoder] = None,
     steps: int = 5,
     batch_size: int = 2,
-    lr: float = 1e-3,
+    lr: float = DEFAULT_INNER_LR,
     optimizer: str = "adamw",
     beta: Optional[float] = None,
     num_shots: int = 0,
@@ -248,7 +249,7 @@ def evaluate_tasks(
     encoder: Optional[TaskEncoder] = None,
     support_batches: int = 5,
     batch_size: int = 2,
-    lr: float = 1e-3,
+    lr: float = DEFAULT_INNER_LR,
     optimizer: str = "adamw",
     beta: Optional[float] = None,
     num_samples: Optional[int] = None,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from .meta.arguments import MetaTrainingArguments
+from .meta.arguments import DEFAULT_INNER_LR, MetaTrainingArguments
 
 logger = logging.getLogger("peft_abmll")
 
@@ -74,7 +74,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-choices", type=int, default=4, help="Examples with more options are dropped.")
     p.add_argument("--batch-size", type=int, default=2, help="Examples per inner / adaptation step (paper: 2).")
     p.add_argument("--adapt-steps", type=int, default=5, help="Test-time adaptation steps per task (paper: 5).")
-    p.add_argument("--adapt-lr", type=float, default=None, help="Test-time adaptation learning rate.")
+    p.add_argument(
+        "--adapt-lr", type=float, default=None, help="Test-time adaptation learning rate (default: the inner one)."
+    )
     p.add_argument("--num-samples", type=int, default=None, help="Posterior samples averaged when predicting.")
     p.add_argument("--max-query", type=int, default=None, help="Cap on predicted (query) examples per task.")
     p.add_argument("--num-shots", type=int, default=0, help="Solved in-context examples in front of each prompt.")
@@ -92,7 +94,7 @@ def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100, help="Training episodes (one task each).")
     p.add_argument("--tasks-per-update", type=int, default=1, help="Tasks averaged per global update.")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Global (outer) learning rate.")
-    p.add_argument("--inner-lr", type=float, default=1e-3, help="Inner-loop learning rate.")
+    p.add_argument("--inner-lr", type=float, default=DEFAULT_INNER_LR, help="Inner-loop learning rate.")
     p.add_argument("--inner-steps", type=int, default=5, help="Inner steps per task (paper: 5).")
     p.add_argument("--first-order", action="store_true", help="Add the query-batch NLL gradient to the update.")
     p.add_argument("--query-batches", type=int, default=0, help="Query batches per task (for --first-order).")
@@ -252,7 +254,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     eval_tasks = resolve_tasks(eval_names, args.max_choices)
     max_query = args.max_query or (8 if args.quick else 32)
     margs = meta_args(
-        args, out, max_steps=steps, learning_rate=1e-3, inner_learning_rate=1e-3, eval_max_query=max_query
+        args, out, max_steps=steps, learning_rate=1e-3, inner_learning_rate=DEFAULT_INNER_LR, eval_max_query=max_query
     )
     results = compare_methods(
         args.methods, model_fn, tokenizer, train_tasks, eval_tasks, margs, abmll_config(args), output_dir=out
@@ -324,7 +326,7 @@ def cmd_adapt(args: argparse.Namespace) -> Path:
         tokenizer=tokenizer,
         steps=args.adapt_steps,
         batch_size=args.batch_size,
-        lr=args.adapt_lr or 1e-3,
+        lr=args.adapt_lr or DEFAULT_INNER_LR,
         seed=args.seed,
         task=args.task,
     )

@@ -332,3 +332,21 @@ def test_bad_task_specs(fake, tmp_path: Path) -> None:
         resolve_tasks([str(tmp_path / "missing.jsonl")])
     with pytest.raises(FileNotFoundError, match=r"gone\.csv"):
         cli.main(["train", "--model", fake.model, "--tasks", "colours", "gone.csv"])
+
+
+def test_one_inner_learning_rate_default_everywhere(tmp_path: Path) -> None:
+    """The benchmark-chosen inner / test-time rate is the default of every entry point, and flows to evaluation."""
+    import inspect
+
+    from peft_abmll import MetaTrainingArguments, adapt, evaluate_tasks
+    from peft_abmll.meta.arguments import DEFAULT_INNER_LR
+
+    args = MetaTrainingArguments(output_dir=str(tmp_path))
+    parsed = cli.parse_args(["train", "--model", "m", "--tasks", "t"])
+    assert args.inner_learning_rate == parsed.inner_lr == DEFAULT_INNER_LR
+    assert inspect.signature(adapt).parameters["lr"].default == DEFAULT_INNER_LR
+    assert inspect.signature(evaluate_tasks).parameters["lr"].default == DEFAULT_INNER_LR
+    assert args.evaluation_kwargs()["lr"] == DEFAULT_INNER_LR
+    assert cli.meta_args(parsed, tmp_path).inner_learning_rate == DEFAULT_INNER_LR
+    custom = MetaTrainingArguments(output_dir=str(tmp_path), inner_learning_rate=1e-3)
+    assert custom.evaluation_kwargs()["lr"] == 1e-3  # test-time rate follows the inner one unless set
