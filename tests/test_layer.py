@@ -365,6 +365,47 @@ def test_default_targets_for_llama_like_models(family: str) -> None:
     assert adapted == {"q_proj", "v_proj", "o_proj"} and len(_layers(model)) == 6
 
 
+TINY = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+# model_type -> (extra config kwargs, adapted module names per block)
+FAMILIES = {
+    "distilbert": ({"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4}, {"q_lin", "v_lin", "out_lin"}),
+    "xlm-roberta": ({"intermediate_size": 64}, {"query", "value", "dense"}),
+    "deberta-v2": ({"intermediate_size": 64}, {"query_proj", "value_proj", "dense"}),
+    "mpt": ({"d_model": 32, "n_layers": 2, "n_heads": 4, "expansion_ratio": 2}, {"Wqkv", "out_proj"}),
+    "codegen": ({"n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, "n_ctx": 64}, {"qkv_proj", "out_proj"}),
+    "mistral": ({"intermediate_size": 64, "num_key_value_heads": 2}, {"q_proj", "v_proj", "o_proj"}),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_default_targets_of_more_families(model_type: str) -> None:
+    from transformers import AutoConfig, AutoModel
+
+    extra, expected = FAMILIES[model_type]
+    torch.manual_seed(0)
+    base = AutoModel.from_config(AutoConfig.for_model(model_type, **{**TINY, **extra}))
+    model = _abmll(base)
+    adapted = [name for name, m in model.named_modules() if isinstance(m, ABMLLLayer)]
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == expected and len(adapted) == 2 * len(expected)
+    out = model(input_ids=torch.randint(0, 64, (2, 5)))
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_targets_of_an_unknown_model_type_are_found_in_the_model(caplog: pytest.LogCaptureFixture) -> None:
+    from _models import llama_config
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class NewArchConfig(LlamaConfig):
+        model_type = "brand_new_arch"  # a family released after this package
+
+    base = LlamaForCausalLM(NewArchConfig(**llama_config().to_dict()))
+    with caplog.at_level("INFO", logger="peft_abmll"):
+        model = _abmll(base)
+    adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, ABMLLLayer)}
+    assert adapted == {"q_proj", "v_proj", "o_proj"} and len(_layers(model)) == 6
+    assert "brand_new_arch" in caplog.text and model.peft_config["default"].target_modules == adapted
+
+
 @pytest.mark.parametrize(
     "kwargs,field",
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any, Literal, Optional
@@ -15,6 +16,8 @@ from transformers.pytorch_utils import Conv1D
 from ..peft_type import PREFIX
 from .config import ABMLLConfig
 from .layer import ABMLLLayer, Linear
+
+logger = logging.getLogger("peft_abmll")
 
 #: Default targets per transformers ``model_type``: the query, value and output attention projections.
 #: Fused-qkv families (GPT-2, Phi-3, GPT-NeoX, Falcon, ...) adapt the fused projection plus the output one.
@@ -55,9 +58,41 @@ TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "bart": ["q_proj", "v_proj", "out_proj"],
     "bert": ["query", "value", "attention.output.dense"],
     "roberta": ["query", "value", "attention.output.dense"],
+    "xlm-roberta": ["query", "value", "attention.output.dense"],
+    "camembert": ["query", "value", "attention.output.dense"],
+    "electra": ["query", "value", "attention.output.dense"],
+    "deberta-v2": ["query_proj", "value_proj", "attention.output.dense"],
+    "distilbert": ["q_lin", "v_lin", "out_lin"],
+    "mpt": ["Wqkv", "out_proj"],
+    "codegen": ["qkv_proj", "out_proj"],
     "t5": ["q", "v", "o"],
     "mt5": ["q", "v", "o"],
 }
+
+#: For model types without an entry above: the first of these name sets whose every name matches an adaptable
+#: module of the model (PEFT's suffix matching) is used — most new architectures reuse one of these layouts.
+ATTENTION_NAME_SETS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "v_proj", "o_proj"),
+    ("q_proj", "v_proj", "out_proj"),
+    ("q_proj", "v_proj", "dense"),
+    ("qkv_proj", "o_proj"),
+    ("query", "value", "attention.output.dense"),
+    ("query_proj", "value_proj", "attention.output.dense"),
+    ("q_lin", "v_lin", "out_lin"),
+    ("query_key_value", "dense"),
+    ("Wqkv", "out_proj"),
+    ("c_attn", "attn.c_proj"),
+    ("q", "v", "o"),
+)
+
+
+def detect_target_modules(model: nn.Module) -> Optional[list[str]]:
+    """The first `ATTENTION_NAME_SETS` entry fully present among ``model``'s linear / Conv1D modules, else None."""
+    names = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
+    for candidates in ATTENTION_NAME_SETS:
+        if all(any(n == c or n.endswith("." + c) for n in names) for c in candidates):
+            return list(candidates)
+    return None
 
 
 class ABMLLModel(BaseTuner):
@@ -77,13 +112,18 @@ class ABMLLModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: ABMLLConfig, model_config: dict) -> ABMLLConfig:  # type: ignore[override]
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
-            if model_type not in self.target_module_mapping:
+            targets = self.target_module_mapping.get(model_type) or detect_target_modules(self.model)
+            if targets is None:
                 raise ValueError(
-                    f"ABMLL has no default target modules for model_type={model_type!r}. Pass them explicitly, e.g. "
+                    f"ABMLL has no default target modules for model_type={model_type!r} and found none of the usual "
+                    "attention projection names in the model. Pass them explicitly, e.g. "
                     "ABMLLConfig(target_modules=['q_proj', 'v_proj', 'o_proj']) with your model's attention projection "
                     f"names. Known families: {', '.join(sorted(self.target_module_mapping))}."
                 )
-            peft_config.target_modules = set(self.target_module_mapping[model_type])
+            if model_type not in self.target_module_mapping:
+                logger.info("ABMLL: no default targets for model_type=%r; adapting %s (found in the model)",
+                            model_type, targets)
+            peft_config.target_modules = set(targets)
         return peft_config
 
     def _create_and_replace(  # type: ignore[override]  # PEFT passes an ABMLLConfig (see above)
