@@ -121,8 +121,9 @@ class ABMLLModel(BaseTuner):
                     f"names. Known families: {', '.join(sorted(self.target_module_mapping))}."
                 )
             if model_type not in self.target_module_mapping:
-                logger.info("ABMLL: no default targets for model_type=%r; adapting %s (found in the model)",
-                            model_type, targets)
+                logger.info(
+                    "ABMLL: no default targets for model_type=%r; adapting %s (found in the model)", model_type, targets
+                )
             peft_config.target_modules = set(targets)
         return peft_config
 
