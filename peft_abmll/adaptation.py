@@ -49,6 +49,13 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def adaptation_learning_rate(model: nn.Module) -> float:
+    """The test-time rate an ABMLL adapter was meta-learned for (its config's), else `DEFAULT_INNER_LR`."""
+    tuner = abmll_tuner(model)
+    recorded = tuner.abmll_config().adaptation_learning_rate if tuner is not None else None
+    return DEFAULT_INNER_LR if recorded is None else recorded
+
+
 def adapt(
     model: nn.Module,
     support: Examples,
@@ -57,7 +64,7 @@ def adapt(
     encoder: Optional[TaskEncoder] = None,
     steps: int = 5,
     batch_size: int = 2,
-    lr: float = DEFAULT_INNER_LR,
+    lr: Optional[float] = None,
     optimizer: str = "adamw",
     beta: Optional[float] = None,
     num_shots: int = 0,
@@ -72,12 +79,15 @@ def adapt(
     `restore` on the returned view's snapshot via `adaptation_scope` to undo).
 
     Batches cycle through the support examples in a seeded order, `batch_size` per step.
+    `lr` None: the rate the ABMLL adapter was meta-learned for (`adaptation_learning_rate`, saved in its
+    config by `MetaTrainer`), else `DEFAULT_INNER_LR`.
 
     Returns:
         One log dict per step (``nll``, ``loss``, ``kl``).
     """
     if not support:
         raise ValueError(f"Cannot adapt to task {task!r}: no support examples given.")
+    lr = adaptation_learning_rate(model) if lr is None else lr
     enc = _encoder(tokenizer, encoder)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(support))
@@ -249,7 +259,7 @@ def evaluate_tasks(
     encoder: Optional[TaskEncoder] = None,
     support_batches: int = 5,
     batch_size: int = 2,
-    lr: float = DEFAULT_INNER_LR,
+    lr: Optional[float] = None,
     optimizer: str = "adamw",
     beta: Optional[float] = None,
     num_samples: Optional[int] = None,
@@ -264,17 +274,18 @@ def evaluate_tasks(
 ) -> dict[str, Any]:
     """Held-out-task protocol: per task adapt on `support_batches` x `batch_size` examples, predict the rest.
 
-    Every adaptation is undone before the next task. Each task's randomness (support order, training
-    noise of the adaptation) is seeded from (`seed`, task index in name order), so a task's result does
-    not depend on the other tasks or on the process that evaluates it. Returns per-task and macro
-    metrics (accuracy, ECE, NLL, Brier) plus ``pooled`` metrics over all query examples; with
-    `output_dir`, also writes ``<name>_results.json`` and ``<name>_reliability.png``.
+    Every adaptation is undone before the next task; `lr` None means `adaptation_learning_rate(model)`. Each task's
+    randomness (support order, training noise of the adaptation) is seeded from (`seed`, task index in name order),
+    so a task's result does not depend on the other tasks or on the process that evaluates it. Returns per-task and
+    macro metrics (accuracy, ECE, NLL, Brier) plus ``pooled`` metrics over all query examples; with `output_dir`,
+    also writes ``<name>_results.json`` and ``<name>_reliability.png``.
 
     With `accelerator` (an `accelerate.Accelerator` or `PartialState`) running N processes, every
     process must call this: process ``p`` evaluates the tasks ``p, p + N, ...``, the per-task results
     are gathered (``accelerate.utils.gather_object``), every process returns the same results (equal to
     a single-process run), and only the main process writes files.
     """
+    lr = adaptation_learning_rate(model) if lr is None else lr
     grouped = prepare_tasks(tasks, max_choices) if not _is_grouped(tasks) else tasks
     enc = _encoder(tokenizer, encoder)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)

@@ -75,7 +75,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=2, help="Examples per inner / adaptation step (paper: 2).")
     p.add_argument("--adapt-steps", type=int, default=5, help="Test-time adaptation steps per task (paper: 5).")
     p.add_argument(
-        "--adapt-lr", type=float, default=None, help="Test-time adaptation learning rate (default: the inner one)."
+        "--adapt-lr",
+        type=float,
+        default=None,
+        help="Test-time adaptation learning rate (default: train: the inner rate; evaluate / adapt: the rate the "
+        "adapter was meta-trained for, else 3e-4).",
     )
     p.add_argument("--num-samples", type=int, default=None, help="Posterior samples averaged when predicting.")
     p.add_argument("--max-query", type=int, default=None, help="Cap on predicted (query) examples per task.")
@@ -326,7 +330,7 @@ def cmd_adapt(args: argparse.Namespace) -> Path:
         tokenizer=tokenizer,
         steps=args.adapt_steps,
         batch_size=args.batch_size,
-        lr=args.adapt_lr or DEFAULT_INNER_LR,
+        lr=args.adapt_lr,
         seed=args.seed,
         task=args.task,
     )
@@ -352,7 +356,7 @@ def _evaluate(model: Any, tokenizer: Any, args: argparse.Namespace, tasks: Any, 
     from .data import TaskEncoder
 
     encoder = TaskEncoder(tokenizer, max_length=args.max_length)
-    kwargs = meta_args(args, out).evaluation_kwargs()
+    kwargs = {**meta_args(args, out).evaluation_kwargs(), "lr": args.adapt_lr}  # None: the adapter's own rate
     return evaluate_tasks(model, tasks, encoder=encoder, output_dir=out, name="evaluate", **kwargs)
 
 

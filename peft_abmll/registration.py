@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, cast
 
 from .peft_type import PREFIX, ABMLLPeftType
@@ -38,6 +39,35 @@ def register() -> None:
     for table, value in tables:
         table[key] = value
     install_pickle_guard()
+    check_transformers_peft_versions()
+
+
+def check_transformers_peft_versions() -> bool:
+    """Warn (and return False) if the installed transformers refuses the installed peft in its PEFT integration.
+
+    transformers' ``load_adapter`` / ``add_adapter`` / loading an adapter folder with ``from_pretrained`` check a
+    minimum peft version of their own (transformers 5.24 asks for peft 0.22); with an older peft those calls fail
+    for every adapter type, ABMLL included, while ``peft.PeftModel`` keeps working.
+    """
+    try:
+        import peft
+        from packaging.version import Version
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+    except ImportError:
+        return True
+    if Version(peft.__version__) >= Version(MIN_PEFT_VERSION):
+        return True
+    import transformers
+
+    warnings.warn(
+        f"transformers {transformers.__version__} needs peft >= {MIN_PEFT_VERSION} for its own adapter methods "
+        f"(model.load_adapter, add_adapter, from_pretrained on an adapter folder); peft {peft.__version__} is "
+        "installed. peft's API (PeftModel.from_pretrained, get_peft_model) works; for the transformers methods "
+        f"upgrade peft, or install a transformers release that accepts peft {peft.__version__}.",
+        UserWarning,
+        stacklevel=2,
+    )
+    return False
 
 
 def _qualname(obj: type | str) -> str:

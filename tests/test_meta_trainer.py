@@ -220,3 +220,33 @@ def test_evaluate_writes_json_and_reliability_png(tok, family, held_out, tmp_pat
     assert (out / "eval_step0_reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for g, loc in zip(trainer.view.global_params(), trainer.view.local_params()):
         assert torch.equal(g, loc)  # evaluation undid its adaptations
+
+
+def test_adapter_remembers_its_adaptation_rate(tok, family, tmp_path):
+    """The saved adapter carries the test-time rate it was meta-learned for; `adapt` uses it by default."""
+    from peft import PeftModel
+
+    from peft_abmll.adaptation import adaptation_learning_rate
+    from peft_abmll.meta.arguments import DEFAULT_INNER_LR
+
+    fresh = get_peft_model(tiny_lm(tok), ABMLLConfig())
+    assert fresh.peft_config["default"].adaptation_learning_rate is None
+    assert adaptation_learning_rate(fresh) == DEFAULT_INNER_LR
+    trainer = _trainer(tok, family, tmp_path, max_steps=1, inner_learning_rate=2e-2, adaptation_learning_rate=5e-3)
+    trainer.train()
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_lm(tok), tmp_path / "adapter", is_trainable=True)
+    assert loaded.peft_config["default"].adaptation_learning_rate == 5e-3 == adaptation_learning_rate(loaded)
+
+    support = [e for e in family if e["task"] == "t0"][:10]
+
+    def adapted_state(**kwargs):
+        torch.manual_seed(0)  # the training noise of the adaptation
+        logs = peft_abmll.adapt(loaded, support, tokenizer=tok, steps=3, seed=0, **kwargs)
+        return logs, [p.detach().clone() for n, p in loaded.named_parameters() if "local" in n]
+
+    default_logs, default_state = adapted_state()
+    recorded_logs, recorded_state = adapted_state(lr=5e-3)
+    _, package_state = adapted_state(lr=DEFAULT_INNER_LR)
+    assert default_logs == recorded_logs and all(map(torch.equal, default_state, recorded_state))
+    assert not all(map(torch.equal, default_state, package_state))

@@ -169,6 +169,18 @@ def test_transformers_load_adapter(saved: tuple[Path, torch.Tensor], base_dir: P
     assert torch.equal(_logits(base, inputs), base_logits)
 
 
+def test_installed_transformers_accepts_installed_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The versions pyproject.toml resolves to let transformers' adapter methods run; a mismatch is warned about."""
+    from transformers.integrations import peft as hf_peft
+
+    from peft_abmll.registration import check_transformers_peft_versions
+
+    assert check_transformers_peft_versions(), "pin transformers in pyproject.toml to a release that takes this peft"
+    monkeypatch.setattr(hf_peft, "MIN_PEFT_VERSION", "99.0")
+    with pytest.warns(UserWarning, match=r"needs peft >= 99\.0 .*PeftModel\.from_pretrained"):
+        assert not check_transformers_peft_versions()
+
+
 def test_inject_adapter_in_model_and_set_state_dict(saved: tuple[Path, torch.Tensor], inputs: Inputs) -> None:
     path, expected = saved
     config = ABMLLConfig.from_pretrained(path)

@@ -112,7 +112,13 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
         return ABMLLView(model, beta=self.args.beta)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.train`, leaving the model with local == global (the meta-learned adapter)."""
+        """`Trainer.train`, leaving the model with local == global (the meta-learned adapter).
+
+        An ABMLL adapter's config records the test-time rate it is meta-learned for
+        (``adaptation_learning_rate``), so `peft_abmll.adapt` on the saved adapter uses the same one.
+        """
+        if isinstance(self.view, ABMLLView):
+            self.view.tuner.abmll_config().adaptation_learning_rate = self.args.test_learning_rate
         try:
             return super().train(*args, **kwargs)
         finally:

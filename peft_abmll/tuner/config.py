@@ -160,6 +160,15 @@ class ABMLLConfig(PeftConfig):
     sample_seed: int = field(
         default=0, metadata={"help": "Seed of the eval-mode samples (predictive_mode='sample'), for reproducibility."}
     )
+    adaptation_learning_rate: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Test-time learning rate the global posterior was meta-learned for. Written by `MetaTrainer` "
+            "when training starts (its test-time rate, by default its inner one) and saved with the adapter; "
+            "`peft_abmll.adapt`, `evaluate_tasks` and `abmll adapt / evaluate` use it when no rate is given. "
+            "None: the package default (3e-4)."
+        },
+    )
     posterior: Literal["global", "local"] = field(
         default="global",
         metadata={
@@ -249,6 +258,9 @@ class ABMLLConfig(PeftConfig):
             if name == "prior_b0" and value is None:
                 continue
             _require(_finite(value) and value > 0, name, value, "a positive number")
+        rate = self.adaptation_learning_rate
+        ok_rate = rate is None or (_finite(rate) and rate > 0)
+        _require(ok_rate, "adaptation_learning_rate", rate, "a positive rate or None")
         _require(
             _integer(self.num_samples) and self.num_samples >= 1,
             "num_samples",
