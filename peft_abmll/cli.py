@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="Fetch SmolLM2 + BIG-bench, meta-train ABMLL, compare with baselines.")
     _common(demo)
     demo.add_argument(
-        "--steps", type=int, default=None, help="Training episodes per method (default: 30; 4 with --quick)."
+        "--steps", type=int, default=None, help="Training episodes per method (default: 24; 4 with --quick)."
     )
     demo.add_argument(
         "--methods",
@@ -249,7 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from .experiment import compare_methods, format_table, load_causal_lm, resolve_tasks
 
     out = Path(args.output_dir)
-    steps = args.steps if args.steps is not None else 4 if args.quick else 30
+    steps = args.steps if args.steps is not None else 4 if args.quick else 24
     train_names = DEMO_TRAIN_TASKS[:6] if args.quick else DEMO_TRAIN_TASKS
     eval_names = DEMO_EVAL_TASKS[:2] if args.quick else DEMO_EVAL_TASKS
     print(f"abmll demo: fetching assets (SmolLM2-135M-Instruct, {len(train_names) + len(eval_names)} BIG-bench tasks)")
