@@ -101,8 +101,11 @@ def _pip_download(dest_dir: Path) -> None:
     got = dest_dir / ARCHIVE_NAME
     if not got.is_file():
         raise RuntimeError(f"pip download did not produce {ARCHIVE_NAME} (got {sorted(os.listdir(dest_dir))})")
+    digest = hashlib.sha256()
     with open(got, "rb") as f:
-        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    sha256 = digest.hexdigest()
     if sha256 != ARCHIVE_SHA256:
         raise RuntimeError(f"pip download gave {ARCHIVE_NAME} with sha256 {sha256}, not the published {ARCHIVE_SHA256}")
 

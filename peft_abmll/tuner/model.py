@@ -112,7 +112,7 @@ class ABMLLModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: ABMLLConfig, model_config: dict) -> ABMLLConfig:  # type: ignore[override]
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
-            targets = self.target_module_mapping.get(model_type) or detect_target_modules(self.model)
+            targets = self.target_module_mapping.get(str(model_type)) or detect_target_modules(self.model)
             if targets is None:
                 raise ValueError(
                     f"ABMLL has no default target modules for model_type={model_type!r} and found none of the usual "
