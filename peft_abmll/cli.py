@@ -356,7 +356,9 @@ def _evaluate(model: Any, tokenizer: Any, args: argparse.Namespace, tasks: Any, 
     from .data import TaskEncoder
 
     encoder = TaskEncoder(tokenizer, max_length=args.max_length)
-    kwargs = {**meta_args(args, out).evaluation_kwargs(), "lr": args.adapt_lr}  # None: the adapter's own rate
+    kwargs = meta_args(args, out).evaluation_kwargs()
+    if not hasattr(args, "inner_lr"):  # `abmll evaluate` trains nothing: default to the adapter's recorded rate
+        kwargs["lr"] = args.adapt_lr
     return evaluate_tasks(model, tasks, encoder=encoder, output_dir=out, name="evaluate", **kwargs)
 
 
