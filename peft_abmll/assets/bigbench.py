@@ -81,6 +81,12 @@ def _archive_url(index: str) -> str:
     raise RuntimeError(f"{index}/bigbench/ does not list {ARCHIVE_NAME}")
 
 
+def _check_sha256(sha256: str, source: str) -> None:
+    """Raise naming ``source`` if ``sha256`` is not the published `ARCHIVE_SHA256`."""
+    if sha256 != ARCHIVE_SHA256:
+        raise RuntimeError(f"{source}: {ARCHIVE_NAME} has sha256 {sha256}, not the published {ARCHIVE_SHA256}")
+
+
 def _download_verified(url: str, dest: Path) -> None:
     """Stream ``url`` to ``dest`` with a progress bar; raise if its sha256 is not `ARCHIVE_SHA256`."""
     digest = hashlib.sha256()
@@ -91,8 +97,7 @@ def _download_verified(url: str, dest: Path) -> None:
                 out.write(chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
-    if digest.hexdigest() != ARCHIVE_SHA256:
-        raise RuntimeError(f"{url}: sha256 {digest.hexdigest()} is not the published {ARCHIVE_SHA256}")
+    _check_sha256(digest.hexdigest(), url)
 
 
 def _pip_download(dest_dir: Path) -> None:
@@ -105,9 +110,7 @@ def _pip_download(dest_dir: Path) -> None:
     with open(got, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    sha256 = digest.hexdigest()
-    if sha256 != ARCHIVE_SHA256:
-        raise RuntimeError(f"pip download gave {ARCHIVE_NAME} with sha256 {sha256}, not the published {ARCHIVE_SHA256}")
+    _check_sha256(digest.hexdigest(), "pip download")
 
 
 def _fetch(dest_dir: Path) -> Path:
