@@ -5,6 +5,7 @@
     python benchmarks/quality.py --methods abmll --beta 1 1e-5 1e-7 1e-8 1e-16
     python benchmarks/quality.py --methods pretrained regular_lora abmll --prune 0.1 0.3 0.5
     python benchmarks/quality.py --methods abmll --set prior_b0=1e-6 init_std=3e-3
+    python benchmarks/quality.py --methods abmll reptile --arg outer_step_size=0.1 global_update=gradient
 
 Every (configuration, seed) trains on the meta-train tasks for ``--steps`` episodes (LoRA baselines: the same
 number of optimizer steps on the same batches), then adapts to each held-out task on 5 support batches of 2 and
@@ -12,7 +13,9 @@ predicts up to ``--max-query`` examples. Results are appended to the JSON file a
 there), and a table with mean ± std over seeds is printed. Pruning zeroes the smallest-magnitude fraction of MLP
 hidden units in every layer after training (each trained model is evaluated unpruned and at every fraction), then
 runs the same adaptation protocol. ``--set KEY=VALUE`` adds one ABMLL configuration per pair (an ablation of any
-`ABMLLConfig` field); ABMLL records also hold the median global standard deviation after training.
+`ABMLLConfig` field), ``--arg KEY=VALUE`` one ABMLL configuration per `MetaTrainingArguments` field; ABMLL
+records also hold the median global standard deviation after training. ``--num-samples S`` averages S posterior
+samples at prediction (ABMLL; 1 = the posterior mean).
 """
 
 from __future__ import annotations
@@ -74,13 +77,23 @@ def prune_hidden_units(model: nn.Module, fraction: float) -> int:
 
 def median_global_std(model: nn.Module) -> float | None:
     """Median over adapted layers of the mean global standard deviation per ``Delta W`` entry (None: not ABMLL)."""
-    stds = [
-        module.posterior_moments(name, "global")[1].sqrt().mean().item()
+    stds = [moments[1].sqrt().mean().item() for moments in _global_moments(model)]
+    return statistics.median(stds) if stds else None
+
+
+def global_mean_rms(model: nn.Module) -> float | None:
+    """Root mean square of the global mean update over every adapted entry (None: not ABMLL)."""
+    sums = [(moments[0].square().sum().item(), moments[0].numel()) for moments in _global_moments(model)]
+    return (sum(s for s, _ in sums) / sum(n for _, n in sums)) ** 0.5 if sums else None
+
+
+def _global_moments(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        module.posterior_moments(name, "global")
         for module in model.modules()
         if isinstance(module, ABMLLLayer)
         for name in module.abmll_global_mean_A
     ]
-    return statistics.median(stds) if stds else None
 
 
 @contextmanager
@@ -112,7 +125,9 @@ def run_one(
         max_steps=args.steps,
         seed=seed,
         learning_rate=args.lr,
+        outer_step_size=args.outer_step,
         inner_learning_rate=args.inner_lr,
+        eval_num_samples=args.num_samples,
         adaptation_learning_rate=args.adapt_lr,
         max_length=args.max_length,
         eval_max_query=args.max_query,
@@ -127,7 +142,7 @@ def run_one(
     start = time.perf_counter()
     model = train_method(job["method"], model_fn, tokenizer, train, margs, config, lora_learning_rate=args.lora_lr)
     train_s = time.perf_counter() - start
-    global_std = median_global_std(model)
+    global_std, mean_rms = median_global_std(model), global_mean_rms(model)
     encoder = TaskEncoder(tokenizer, max_length=args.max_length)
     records = []
     for prune in job["prune"]:
@@ -144,6 +159,7 @@ def run_one(
                 "pooled": result["pooled"],
                 "per_task": result["per_task"],
                 "global_std": global_std,
+                "global_mean_rms": mean_rms,
                 "train_seconds": train_s,
                 "eval_seconds": time.perf_counter() - start,
             }
@@ -151,15 +167,24 @@ def run_one(
     return records
 
 
-def parse_setting(text: str) -> tuple[str, Any]:
-    """``"prior_b0=1e-6"`` -> ``("prior_b0", 1e-06)``; the key must be an `ABMLLConfig` field."""
+def _key_value(text: str, fields: Any, flag: str, owner: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
-    if not sep or key not in ABMLLConfig.__dataclass_fields__:
-        raise argparse.ArgumentTypeError(f"--set expects FIELD=VALUE with an ABMLLConfig field, got {text!r}")
+    if not sep or key not in fields:
+        raise argparse.ArgumentTypeError(f"{flag} expects FIELD=VALUE with a {owner} field, got {text!r}")
     try:
         return key, json.loads(raw)
     except json.JSONDecodeError:
         return key, raw
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``"prior_b0=1e-6"`` -> ``("prior_b0", 1e-06)``; the key must be an `ABMLLConfig` field."""
+    return _key_value(text, ABMLLConfig.__dataclass_fields__, "--set", "ABMLLConfig")
+
+
+def parse_argument(text: str) -> tuple[str, Any]:
+    """``"outer_step_size=0.1"`` -> ``("outer_step_size", 0.1)``; the key must be a `MetaTrainingArguments` field."""
+    return _key_value(text, MetaTrainingArguments.__dataclass_fields__, "--arg", "MetaTrainingArguments")
 
 
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -171,6 +196,8 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
             jobs.append({"name": f"abmll-beta{beta:g}", "method": "abmll", "config": {"beta": beta}, "args": {}})
         for key, value in args.set or []:
             jobs.append({"name": f"abmll-{key}={value}", "method": "abmll", "config": {key: value}, "args": {}})
+        for key, value in args.arg or []:
+            jobs.append({"name": f"abmll-{key}={value}", "method": "abmll", "config": {}, "args": {key: value}})
     for variant in args.variants:
         spec = VARIANTS[variant]
         jobs.append({"name": f"abmll-{variant}", "method": "abmll", **{"config": {}, "args": {}, **spec}})
@@ -245,9 +272,14 @@ def main() -> None:
     parser.add_argument(
         "--set", nargs="*", type=parse_setting, default=None, metavar="FIELD=VALUE", help="ABMLLConfig ablations."
     )
+    parser.add_argument(
+        "--arg", nargs="*", type=parse_argument, default=None, metavar="FIELD=VALUE", help="Meta-training ablations."
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40, help="Episodes (LoRA baselines: 5x as many steps).")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Global / outer learning rate.")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Step of the first-order term / 'gradient' update.")
+    parser.add_argument("--outer-step", type=float, default=1.0, help="Outer step size eps (ABMLL and Reptile).")
+    parser.add_argument("--num-samples", type=int, default=None, help="Posterior samples averaged at prediction.")
     parser.add_argument("--inner-lr", type=float, default=DEFAULT_INNER_LR, help="Inner and test-time learning rate.")
     parser.add_argument("--adapt-lr", type=float, default=None)
     parser.add_argument("--lora-lr", type=float, default=None, help="Regular / structured LoRA learning rate.")

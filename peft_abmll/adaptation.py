@@ -147,8 +147,8 @@ def predict_proba(
     """Per-choice probabilities from the option letters' next-token probabilities.
 
     The letter probabilities are renormalised over each example's valid options and averaged over
-    `num_samples` posterior samples (default: the adapter's ``num_samples`` with
-    ``predictive_mode='sample'``, else 1 deterministic mean prediction).
+    `num_samples` seeded posterior samples (default: the adapter's ``num_samples``). With one, the
+    adapter's ``predictive_mode`` decides: the posterior mean (deterministic) or one sample.
 
     Returns:
         ``(len(examples), max choices)`` float32; invalid options are 0; rows sum to 1.
@@ -184,12 +184,12 @@ def _shots(pool: Examples, k: int, rng: np.random.Generator) -> list:
 
 
 def _num_samples(model: nn.Module, num_samples: Optional[int]) -> int:
+    """`num_samples`, else the adapter's ``num_samples`` (1 for a model without an ABMLL adapter)."""
     tuner = abmll_tuner(model)
     if tuner is None:
         return 1
-    config = tuner.abmll_config()
     if num_samples is None:
-        return config.num_samples if config.predictive_mode == "sample" else 1
+        return tuner.abmll_config().num_samples
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     return num_samples

@@ -5,7 +5,7 @@
 | ``pretrained`` | nothing; a fresh identity LoRA adapter gives the 5-step test-time adaptation something to train |
 | ``regular_lora`` | plain PEFT LoRA, one optimizer step per batch, batches shuffled across tasks |
 | ``structured_lora`` | plain PEFT LoRA, task by task: K consecutive steps per task, no reset |
-| ``reptile`` | LoRA, K inner steps per task, outer interpolation (`MetaTrainer`, SGD) |
+| ``reptile`` | LoRA, K inner steps per task, outer interpolation at ``outer_step_size`` (`MetaTrainer`) |
 | ``abmll`` | ABMLL (`MetaTrainer`) |
 
 All of them see the same episodes (same tasks, examples and order for a given seed): an ABMLL or
@@ -25,12 +25,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import Trainer
 
-from .data import EpisodeDataset, TaskEncoder, prepare_tasks, unwrap_episode
+from .data import EpisodeDataset, TaskEncoder, prepare_tasks, seeded_torch_rng, unwrap_episode
 from .meta.arguments import MetaTrainingArguments
 from .meta.trainer import MetaTrainer, _data_seed
 from .tuner.config import ABMLLConfig
 
 METHODS = ("pretrained", "regular_lora", "structured_lora", "reptile", "abmll")
+ADAPTER_INIT_STREAM = 1  # the seed stream of adapter initialisation (episode noise uses (seed, episode code))
 
 
 class EpisodeBatchSampler(torch.utils.data.Sampler[int]):
@@ -146,21 +147,22 @@ def train_method(
 ) -> PeftModel:
     """Build and train one method on the same data and budget; returns the trained PeftModel.
 
-    ``args.learning_rate`` is the global learning rate for ABMLL and the outer interpolation step for
-    Reptile; ``args.inner_learning_rate`` their inner one. The regular / structured LoRA baselines
-    train at `lora_learning_rate` (default: ``args.inner_learning_rate``).
+    ABMLL and Reptile take their global step from ``args.outer_step_size`` and their inner one from
+    ``args.inner_learning_rate``. The regular / structured LoRA baselines train at `lora_learning_rate`
+    (default: ``args.inner_learning_rate``). The adapter is initialised from ``args.seed`` alone (not from
+    whatever ran before in the process), so the LoRA methods of one seed start from the same adapter.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
     abmll_config = abmll_config or ABMLLConfig()
     lora_config = lora_config or default_lora_config(abmll_config)
     if method == "abmll":
-        model: PeftModel = get_peft_model(base_model_fn(), abmll_config)
+        model: PeftModel = _seeded_peft_model(base_model_fn, abmll_config, args.seed)
         MetaTrainer(
             model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, **trainer_kwargs
         ).train()
         return model
-    model = get_peft_model(base_model_fn(), lora_config)
+    model = _seeded_peft_model(base_model_fn, lora_config, args.seed)
     if method == "pretrained":
         return model
     if method == "reptile":
@@ -181,3 +183,10 @@ def train_method(
         **trainer_kwargs,
     ).train()
     return model
+
+
+def _seeded_peft_model(base_model_fn: Callable[[], nn.Module], config: Any, seed: int) -> PeftModel:
+    """``get_peft_model`` with the adapter's random initialisation drawn from `seed` alone."""
+    base = base_model_fn()
+    with seeded_torch_rng(seed, ADAPTER_INIT_STREAM):
+        return get_peft_model(base, config)

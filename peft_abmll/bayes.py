@@ -22,8 +22,10 @@ import torch.nn.functional as F
 
 __all__ = [
     "SCALE_TYPES",
+    "closed_form_global_moments",
     "entry_variance",
     "gaussian_kl",
+    "global_variance_direction",
     "inverse_softplus",
     "log_gamma_precision",
     "log_normal",
@@ -139,3 +141,70 @@ def log_gamma_precision(var: torch.Tensor, a0: float, b0: float) -> torch.Tensor
     """Element-wise log density of ``Gamma(a0, rate=b0)`` at the precision ``1 / var``."""
     precision = 1.0 / var
     return a0 * math.log(b0) - math.lgamma(a0) + (a0 - 1.0) * torch.log(precision) - b0 * precision
+
+
+def global_variance_direction(
+    var_p: torch.Tensor,
+    var_q: torch.Tensor,
+    diff: torch.Tensor,
+    *,
+    prior_weight: float,
+    a0: float,
+    b0: float,
+) -> torch.Tensor:
+    """Natural-gradient direction, in variance coordinates, of the global update's objective per entry.
+
+    The objective of the global variance ``var_p`` for one adapted local posterior ``N(m_q, var_q)`` is
+    ``KL(N(m_q, var_q) || N(m_p, var_p)) - prior_weight * log Gamma(1 / var_p; a0, b0)``. Its gradient in
+    ``var_p`` times the inverse Fisher information ``2 var_p**2`` is
+
+    ```text
+    (1 + 2 w (a0 - 1)) var_p - (var_q + diff**2 + 2 w b0)        (w = prior_weight, diff = m_q - m_p)
+    ```
+
+    which no longer depends on the scale of the sum or on ``1 / var_p``: stepping ``var_p -= eps * direction``
+    moves the variance a fraction of the way to ``(var_q + diff**2 + 2 w b0) / (1 + 2 w (a0 - 1))``.
+    Shapes: all inputs broadcast together; the output has the broadcast shape.
+    """
+    gain = 1.0 + 2.0 * prior_weight * (a0 - 1.0)
+    return gain * var_p - (var_q + diff.square() + 2.0 * prior_weight * b0)
+
+
+def closed_form_global_moments(
+    means: torch.Tensor,
+    variances: torch.Tensor,
+    *,
+    prior_weight: float,
+    a0: float,
+    b0: float,
+    mean_std: float = math.inf,
+    iterations: int = 50,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-entry minimiser of the global update's objective for fixed local posteriors (the reference).
+
+    Minimises over ``(m, v)``, entry by entry,
+    ``sum_i KL(N(means[i], variances[i]) || N(m, v)) - n * prior_weight * log p(m, v)`` with the hyperprior
+    ``p = N(m; 0, mean_std**2) * Gamma(1/v; a0, b0)``. Stationarity gives
+
+    ```text
+    m = mean_i(means) / (1 + w v / mean_std**2)
+    v = (mean_i(variances + (means - m)**2) + 2 w b0) / (1 + 2 w (a0 - 1))
+    ```
+
+    solved by fixed-point iteration (exact in one step when ``mean_std`` is infinite).
+
+    Args:
+        means: ``(n, ...)`` local means, one row per task.
+        variances: ``(n, ...)`` local variances.
+
+    Returns:
+        ``(mean, variance)``, each of shape ``means.shape[1:]``.
+    """
+    shrink = 0.0 if math.isinf(mean_std) else prior_weight / mean_std**2
+    mean = means.mean(0)
+    var = variances.mean(0)
+    for _ in range(iterations):
+        spread = (variances + (means - mean).square()).mean(0)
+        var = (spread + 2.0 * prior_weight * b0) / (1.0 + 2.0 * prior_weight * (a0 - 1.0))
+        mean = means.mean(0) / (1.0 + shrink * var)
+    return mean, var

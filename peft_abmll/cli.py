@@ -97,7 +97,25 @@ def _training(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=100, help="Training episodes (one task each).")
     p.add_argument("--tasks-per-update", type=int, default=1, help="Tasks averaged per global update.")
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="Global (outer) learning rate.")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=1e-3,
+        help="Step of the first-order query term (natural / Reptile updates) or AdamW rate (--global-update gradient).",
+    )
+    p.add_argument(
+        "--outer-step-size",
+        type=float,
+        default=None,
+        help="Global step eps of ABMLL and Reptile: the global adapter moves eps of the way to the task's adapted one "
+        "(annealed linearly to 0; default 1.0, as in Reptile).",
+    )
+    p.add_argument(
+        "--global-update",
+        default=None,
+        choices=["natural", "gradient"],
+        help="ABMLL's global update: natural (default) or the paper-literal gradient (AdamW on the outer loss).",
+    )
     p.add_argument("--inner-lr", type=float, default=DEFAULT_INNER_LR, help="Inner-loop learning rate.")
     p.add_argument("--inner-steps", type=int, default=5, help="Inner steps per task (paper: 5).")
     p.add_argument("--first-order", action="store_true", help="Add the query-batch NLL gradient to the update.")
@@ -217,6 +235,8 @@ def meta_args(args: argparse.Namespace, output_dir: Path, **overrides: Any) -> M
         ("query_batches", "query_batches"),
         ("gradient_accumulation_steps", "tasks_per_update"),
         ("beta", "beta"),
+        ("outer_step_size", "outer_step_size"),
+        ("global_update", "global_update"),
     ):
         if getattr(args, dest, None) is not None:
             values[name] = getattr(args, dest)

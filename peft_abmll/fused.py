@@ -54,7 +54,7 @@ def _block_moments(scaled: tuple[torch.Tensor, ...], rows: slice, spec: ScaleSpe
     mean_A, mean_B, scale_A, scale_B = scaled
     mean = mean_B[rows] @ mean_A
     if spec.scale_type == "linear":
-        floor = torch.tensor(spec.floor, device=mean.device)
+        floor = torch.tensor(spec.floor, device=mean.device, dtype=mean.dtype)
         sigma = torch.addmm(floor, scale_B[rows], scale_A)
         return {"mean": mean, "sigma": sigma, "var": torch.addcmul(floor.square(), sigma, sigma), "dsigma": None}
     raw = (scale_B[rows] @ scale_A).add_(spec.rho0)

@@ -30,11 +30,15 @@ CARD_FIELDS = (
     "scale_type",
     "sampling",
     "beta",
+    "kl_reduction",
     "init_std",
     "scale_floor",
     "posterior",
     "predictive_mode",
     "num_samples",
+    "prior_a0",
+    "prior_b0",
+    "adaptation_learning_rate",
 )
 _PIPELINES: dict[Optional[str], tuple[Optional[str], str]] = {
     "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
@@ -155,6 +159,8 @@ def _usage_section(base: str, repo_id: str, auto_class: str) -> str:
         f'base = {auto_class}.from_pretrained("{base}")\n'
         f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
         "model.eval()  # eval mode uses the posterior mean: deterministic, equal to the merged model\n"
+        "# calibrated multiple-choice probabilities, averaging `num_samples` posterior samples (the setting above):\n"
+        "# probs = peft_abmll.predict_proba(model, examples, tokenizer=tokenizer)\n"
         "```\n\n"
         "To use the posterior mean with plain PEFT (no plugin), export it as a LoRA adapter: "
         '`peft_abmll.export.export_lora(model, "lora-adapter")`.'

@@ -5,10 +5,13 @@ All take ``probs: (n, C)`` (rows sum to 1; invalid options hold 0) and ``labels:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
+
+Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -59,6 +62,44 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_bins: in
         "nll": negative_log_likelihood(probs, labels),
         "brier": brier_score(probs, labels),
     }
+
+
+def bootstrap_interval(
+    metric: Metric,
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    groups: Optional[Sequence[int]] = None,
+    *,
+    other: Optional[torch.Tensor] = None,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Percentile-bootstrap interval of ``metric(probs, labels)``, or of a paired difference.
+
+    Examples are resampled with replacement *within* each group (task), so every resample keeps the tasks'
+    sizes. With `other` (a second method's ``(n, C)`` probabilities on the same examples) the statistic is
+    the paired difference ``metric(probs) - metric(other)``, resampled jointly.
+
+    Returns:
+        ``{"value", "low", "high", "n"}``: the statistic on all examples, the interval bounds, the example count.
+    """
+    groups_t = torch.zeros(len(labels), dtype=torch.long) if groups is None else torch.as_tensor(groups)
+    members = [torch.nonzero(groups_t == g).flatten() for g in torch.unique(groups_t)]
+    generator = torch.Generator().manual_seed(seed)
+
+    def statistic(index: torch.Tensor) -> float:
+        value = metric(probs[index], labels[index])
+        return value - metric(other[index], labels[index]) if other is not None else value
+
+    draws = []
+    for _ in range(n_resamples):
+        index = torch.cat([m[torch.randint(len(m), (len(m),), generator=generator)] for m in members])
+        draws.append(statistic(index))
+    ordered = torch.tensor(draws, dtype=torch.float64)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(ordered, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return {"value": statistic(torch.arange(len(labels))), "low": low, "high": high, "n": len(labels)}
 
 
 def plot_reliability_diagram(

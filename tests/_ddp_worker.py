@@ -41,6 +41,7 @@ def run(out: Path, tasks_per_update: int, rank: int = 0) -> tuple[MetaTrainer, d
         gradient_accumulation_steps=tasks_per_update,
         learning_rate=1e-2,
         inner_learning_rate=1e-2,
+        outer_step_size=0.1,  # small global steps: float rounding is not amplified into different runs (below)
         inner_steps=3,
         adaptation_steps=3,
         eval_max_query=4,

@@ -33,8 +33,13 @@ def _build(model_cls: type[PreTrainedModel], config: object, seed: int) -> PreTr
 def llama_config() -> LlamaConfig:
     """Config of the tiny Llama (2 layers, hidden 32, GQA with 4 heads / 2 KV heads)."""
     return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
 
 
@@ -46,8 +51,13 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     """A tiny random ``Qwen2ForCausalLM`` (biased q/k/v projections) in eval mode."""
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return _build(Qwen2ForCausalLM, config, seed)
 
@@ -55,7 +65,13 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     """A tiny random ``GPT2LMHeadModel`` (``Conv1D`` layers, weights stored transposed), dropout off, eval mode."""
     config = GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
     return _build(GPT2LMHeadModel, config, seed)

@@ -269,8 +269,15 @@ def test_bigbench_archive_with_wrong_digest_is_refused(
 def _tiny_convert(calls: list[str], fail: bool = False):
     def convert(package_dir: Path, out_dir: Path, dtype: str = "float32") -> None:
         calls.append(dtype)
-        config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+        config = LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+        )
         LlamaForCausalLM(config).save_pretrained(out_dir)
         if fail:
             raise KeyboardInterrupt("killed mid-way")
@@ -296,8 +303,9 @@ def test_smollm2_cached_and_reused(fake_smol: list[str], cache_dir: Path) -> Non
         assets.smollm2_path(dtype="int8")
 
 
-def test_smollm2_interrupted_conversion_is_redone(fake_smol: list[str], monkeypatch: pytest.MonkeyPatch,
-                                                  cache_dir: Path) -> None:
+def test_smollm2_interrupted_conversion_is_redone(
+    fake_smol: list[str], monkeypatch: pytest.MonkeyPatch, cache_dir: Path
+) -> None:
     failed: list[str] = []
     monkeypatch.setattr(smollm2, "convert_gguf", _tiny_convert(failed, fail=True))
     with pytest.raises(KeyboardInterrupt):
@@ -384,14 +392,24 @@ def test_column_layouts(row: dict, answer: str) -> None:
 
 
 def test_classlabel_pairs_and_errors(caplog: pytest.LogCaptureFixture) -> None:
-    features = Features({"premise": Value("string"), "hypothesis": Value("string"),
-                         "label": ClassLabel(names=["entailment", "neutral", "contradiction"])})
+    features = Features(
+        {
+            "premise": Value("string"),
+            "hypothesis": Value("string"),
+            "label": ClassLabel(names=["entailment", "neutral", "contradiction"]),
+        }
+    )
     data = Dataset.from_dict({"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [2, -1]}, features=features)
     with caplog.at_level(logging.WARNING, logger="peft_abmll"):
         ds = assets.dataset_to_task_format(data, "rte")
     assert "dropped 1 row(s)" in caplog.text and len(ds) == 1
-    assert ds[0] == {"task": "rte", "question": "Premise: p1\nHypothesis: h1", "context": "",
-                     "choices": ["entailment", "neutral", "contradiction"], "label": 2}
+    assert ds[0] == {
+        "task": "rte",
+        "question": "Premise: p1\nHypothesis: h1",
+        "context": "",
+        "choices": ["entailment", "neutral", "contradiction"],
+        "label": 2,
+    }
     with pytest.raises(ValueError, match=r"Cannot map columns \['foo', 'bar'\]"):
         assets.rows_to_task_format([{"foo": 1, "bar": 2}], ["foo", "bar"], "t")
     with pytest.raises(ValueError, match="no options"):

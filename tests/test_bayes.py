@@ -111,8 +111,13 @@ def test_entry_variance_rejects_unknown_scale_type() -> None:
 # ----------------------------------------------------------------------------------------- lowrank_output_variance
 @SETTINGS
 @given(
-    r=st.integers(1, 8), d_in=st.integers(1, 12), d_out=st.integers(1, 12), rows=st.integers(1, 4), seed=seeds,
-    scaling=st.floats(0.1, 8.0), floor=st.floats(1e-8, 0.1),
+    r=st.integers(1, 8),
+    d_in=st.integers(1, 12),
+    d_out=st.integers(1, 12),
+    rows=st.integers(1, 4),
+    seed=seeds,
+    scaling=st.floats(0.1, 8.0),
+    floor=st.floats(1e-8, 0.1),
 )
 def test_lowrank_output_variance_equals_dense(
     r: int, d_in: int, d_out: int, rows: int, seed: int, scaling: float, floor: float

@@ -50,11 +50,27 @@ def test_set_ablations_name_jobs_and_refuse_unknown_fields() -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="ABMLLConfig field"):
         quality.parse_setting("not_a_field=1")
     args = argparse.Namespace(
-        methods=["pretrained", "abmll"], beta=[1.0], set=[("prior_b0", 1e-6)], variants=["weight"], prune=[0.5]
+        methods=["pretrained", "abmll"],
+        beta=[1.0],
+        set=[("prior_b0", 1e-6)],
+        arg=[("outer_step_size", 0.1)],
+        variants=["weight"],
+        prune=[0.5],
     )
     jobs = {job["name"]: job for job in quality.plan(args)}
-    assert set(jobs) == {"pretrained", "abmll", "abmll-beta1", "abmll-prior_b0=1e-06", "abmll-weight"}
+    assert set(jobs) == {
+        "pretrained",
+        "abmll",
+        "abmll-beta1",
+        "abmll-prior_b0=1e-06",
+        "abmll-outer_step_size=0.1",
+        "abmll-weight",
+    }
     assert jobs["abmll-prior_b0=1e-06"]["config"] == {"prior_b0": 1e-6}
+    assert jobs["abmll-outer_step_size=0.1"]["args"] == {"outer_step_size": 0.1}
+    assert quality.parse_argument("global_update=gradient") == ("global_update", "gradient")
+    with pytest.raises(argparse.ArgumentTypeError, match="MetaTrainingArguments field"):
+        quality.parse_argument("prior_b0=1")
     assert jobs["abmll"]["prune"] == [0.0, 0.5] and jobs["abmll-weight"]["prune"] == [0.0]
     assert quality.record_names(jobs["pretrained"]) == ["pretrained", "pretrained-prune0.5"]
 

@@ -30,9 +30,24 @@ NPROC = 2
 PER_PROCESS = (1, 2)  # tasks per update per process (gradient_accumulation_steps) of the distributed runs
 # G = 1: a / 2 + b / 2 (one process, accumulated) and (a + b) / 2 (all-reduce mean) are equal in IEEE
 # arithmetic, so the runs agree bit for bit here. G = 2: the sums of four task gradients are grouped
-# differently ((a + c) + (b + d) against a + b + c + d), which leaves float rounding (4e-7 seen here).
-TOLERANCE = {1: 1e-6, 2: 1e-5}
-TRAIN_KEYS = ("loss", "grad_norm", "learning_rate", "nll", "kl", "outer_kl", "log_prior")
+# differently ((a + c) + (b + d) against a + b + c + d), which leaves float rounding (4e-7 per update). The
+# global step carries the adapted posteriors into the global one, and the inner AdamW's first step,
+# lr * g / (|g| + 1e-8), turns rounding on near-zero gradients into steps of size lr: after 4 updates at
+# outer_step_size 0.1 the runs differ by 2.4e-4 (4e-3 at 1.0) where the adapter moved 0.34. A lost or doubled
+# 1/N would differ by ~0.1. Logged values then agree to 1e-3 relative (1.2e-4 seen).
+TOLERANCE = {1: 1e-6, 2: 1e-3}
+LOG_TOLERANCE = {1: 1e-5, 2: 1e-3}
+TRAIN_KEYS = (
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "nll",
+    "kl",
+    "outer_kl_per_entry",
+    "hyperprior_per_entry",
+    "global_std_rms",
+    "target_std_rms",
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +143,7 @@ def test_training_logs_match_and_only_rank_zero_writes(ddp, single, per_process)
         assert len(entries) == len(train[0])
         for got, want in zip(entries, train[0]):
             for key in TRAIN_KEYS:
-                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+                assert got[key] == pytest.approx(want[key], rel=LOG_TOLERANCE[per_process], abs=1e-6), key
     # only rank 0 writes: each rank has its own output_dir here, and rank 1's stays empty
     written = {
         r: sorted(p.relative_to(folder).as_posix() for p in (folder / f"rank{r}").rglob("*") if p.is_file())

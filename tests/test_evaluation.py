@@ -61,6 +61,40 @@ def test_predict_proba_monte_carlo_averages_posterior_samples(tok, family) -> No
     assert not torch.allclose(singles[0], singles[1], atol=1e-5)
 
 
+def test_posterior_samples_are_selectable_in_every_verb_and_recorded(tok, family, tmp_path) -> None:
+    """S samples: predict_proba, evaluate_tasks and MetaTrainer.evaluate agree; the saved adapter and card keep S."""
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig(init_weights=False, init_std=0.2))
+    examples = peft_abmll.prepare_tasks(family)["t0"][:6]
+    args = MetaTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        eval_num_samples=4,
+        eval_max_query=6,
+        inner_learning_rate=1e-2,
+    )
+    trainer = MetaTrainer(model=model, args=args, train_dataset=family, eval_dataset=family, processing_class=tok)
+    protocol = {**args.evaluation_kwargs(), "num_samples": 1}
+    mean_metrics = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, **protocol)
+    sampled = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, **{**protocol, "num_samples": 4})
+    assert trainer.evaluate()["eval_nll"] == pytest.approx(sampled["macro"]["nll"], rel=1e-6)
+    assert sampled["macro"]["nll"] != pytest.approx(mean_metrics["macro"]["nll"], rel=1e-6)
+    trainer.train()
+    assert model.peft_config["default"].num_samples == 4  # recorded by the trainer
+    model.save_pretrained(tmp_path / "adapter")
+    peft_abmll.hub.write_model_card(model, tmp_path / "adapter")
+    assert "| `num_samples` | `4` |" in (tmp_path / "adapter" / "README.md").read_text()
+    loaded = PeftModel.from_pretrained(tiny_lm(tok), tmp_path / "adapter")
+    assert loaded.peft_config["default"].num_samples == 4
+    torch.testing.assert_close(  # the default of the loaded adapter is its recorded S
+        peft_abmll.predict_proba(loaded, examples, tokenizer=tok),
+        peft_abmll.predict_proba(loaded, examples, tokenizer=tok, num_samples=4),
+    )
+
+
 def test_predict_proba_same_with_and_without_logits_to_keep(tok, family, monkeypatch) -> None:
     from peft_abmll import adaptation
 

@@ -78,8 +78,14 @@ def test_export_lora_uses_the_lora_layout_for_conv1d(tmp_path: Path) -> None:
 
 def test_export_lora_keeps_config_fields_and_modules_to_save(tmp_path: Path, inputs: Inputs) -> None:
     model = _abmll(
-        "llama", target_modules=["q_proj", "v_proj"], exclude_modules=["k_proj"], layers_to_transform=[1],
-        layers_pattern="layers", modules_to_save=["lm_head"], lora_alpha=8, r=4,
+        "llama",
+        target_modules=["q_proj", "v_proj"],
+        exclude_modules=["k_proj"],
+        layers_to_transform=[1],
+        layers_pattern="layers",
+        modules_to_save=["lm_head"],
+        lora_alpha=8,
+        r=4,
     )
     assert len(_layers(model)) == 2
     with torch.no_grad():

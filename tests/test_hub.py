@@ -37,8 +37,10 @@ class FakeHub:
         folder = Path(kwargs["folder_path"])
         self.files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         return CommitInfo(
-            commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc123", commit_message="x",
-            commit_description="", oid="abc123",
+            commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc123",
+            commit_message="x",
+            commit_description="",
+            oid="abc123",
         )
 
     def card(self) -> tuple[dict[str, Any], str]:
@@ -100,9 +102,16 @@ def test_card_contents(hub_calls: FakeHub, model: PeftModel) -> None:
     assert meta["library_name"] == "peft"
     assert {"abmll", "peft", "lora", "bayesian", "meta-learning"} <= set(meta["tags"])
     assert meta["base_model"] == "org/tiny-llama" and meta["pipeline_tag"] == "text-generation"
-    for row in ("| `r` | `4` |", "| `lora_alpha` | `8` |", "| `beta` | `1e-06` |", "| `scale_type` | `linear` |",
-                "| `sampling` | `local` |", "| `init_std` | `0.001` |", "| `posterior` | `global` |",
-                "| `target_modules` | `o_proj`, `q_proj`, `v_proj` |"):
+    for row in (
+        "| `r` | `4` |",
+        "| `lora_alpha` | `8` |",
+        "| `beta` | `1e-06` |",
+        "| `scale_type` | `linear` |",
+        "| `sampling` | `local` |",
+        "| `init_std` | `0.001` |",
+        "| `posterior` | `global` |",
+        "| `target_modules` | `o_proj`, `q_proj`, `v_proj` |",
+    ):
         assert row in body
     snippet = body.split("```python\n", 1)[1].split("```", 1)[0]
     lines = snippet.splitlines()

@@ -201,6 +201,10 @@ def test_trainer_logs_meta_terms(tok, family, tmp_path):
     trainer = _trainer(tok, family, tmp_path)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and {"nll", "kl", "outer_kl_per_entry", "hyperprior_per_entry", "global_std_rms"} <= set(logged[0])
+    paper = _trainer(tok, family, tmp_path / "paper", global_update="gradient")
+    paper.train()
+    logged = [entry for entry in paper.state.log_history if "loss" in entry]
     assert logged and {"nll", "kl", "outer_kl", "log_prior"} <= set(logged[0])
 
 

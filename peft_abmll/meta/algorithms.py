@@ -26,6 +26,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from .. import global_update
 from ..tuner.model import ABMLLModel
 
 __all__ = [
@@ -50,15 +51,22 @@ def abmll_tuner(model: nn.Module) -> Optional[ABMLLModel]:
 
 
 class ABMLLView:
-    """Global / local pairs of an ABMLL adapter."""
+    """Global / local pairs of an ABMLL adapter.
 
-    def __init__(self, model: nn.Module, beta: Optional[float] = None) -> None:
+    ``prior_weight`` is the hyperprior's weight per task in the outer objective (``1 / number of training
+    tasks``; see `peft_abmll.global_update.HyperPrior`).
+    """
+
+    def __init__(self, model: nn.Module, beta: Optional[float] = None, prior_weight: float = 1.0) -> None:
         self.model = model
         tuner = abmll_tuner(model)
         if tuner is None:
             raise TypeError("ABMLLView needs a PeftModel with an ABMLL adapter (get_peft_model(..., ABMLLConfig())).")
         self.tuner: ABMLLModel = tuner
-        self.beta = tuner.abmll_config().beta if beta is None else beta
+        config = tuner.abmll_config()
+        self.beta = config.beta if beta is None else beta
+        self.kl_per_entry = config.kl_reduction == "mean"
+        self.prior_weight = prior_weight
 
     def global_params(self) -> list[nn.Parameter]:
         return self.tuner.global_parameters()
@@ -82,16 +90,55 @@ class ABMLLView:
             self.tuner.set_trainable_posterior(previous)
 
     def inner_regularizer(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """``beta * KL(q_local || p_global)``, the KL summed or averaged per adapted entry (``kl_reduction``)."""
         if self.beta == 0:
             return torch.zeros(()), {}
         kl = self.tuner.kl_divergence()
+        if self.kl_per_entry:
+            kl = kl / self.tuner.num_adapted_entries()
         return self.beta * kl, {"kl": kl.item()}
 
     def outer_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """The paper-literal outer objective ``beta * (KL - log p(global))`` (``global_update='gradient'``)."""
         self.tuner.set_trainable_posterior("global")
         kl = self.tuner.kl_divergence()
         log_prior = self.tuner.log_prior()
         return self.beta * (kl - log_prior), {"outer_kl": kl.item(), "log_prior": log_prior.item()}
+
+    def outer_direction(self) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """The natural-gradient global step (`peft_abmll.global_update.abmll_direction`) for every layer.
+
+        Returns the directions in the order of `global_params` and per-entry logs: the outer KL and the
+        weighted ``-log p(global)`` per adapted entry, and the RMS of the global mean, of the global std, of
+        the std the step aims at and of the adapted means' distance to the global mean.
+        """
+        self.tuner.set_trainable_posterior("global")
+        directions: list[torch.Tensor] = []
+        totals = dict.fromkeys(global_update.STAT_KEYS, 0.0)
+        for layer, name in self.tuner.abmll_layers_with_adapter():
+            settings = layer.abmll_settings[name]
+            prior = global_update.HyperPrior(
+                self.prior_weight, settings["prior_a0"], settings["prior_b0"], settings["prior_mean_std"]
+            )
+            step, stats = global_update.abmll_direction(
+                layer.posterior_factors(name, "global"),
+                layer.posterior_factors(name, "local"),
+                layer._scale_spec(name),
+                prior,
+            )
+            directions.extend(step)
+            for key, value in stats.items():
+                totals[key] += value
+        n = max(totals["entries"], 1.0)
+        logs = {
+            "outer_kl_per_entry": totals["kl"] / n,
+            "hyperprior_per_entry": self.prior_weight * totals["neg_log_prior"] / n,
+            "global_mean_rms": math.sqrt(totals["global_mean_sq"] / n),
+            "global_std_rms": math.sqrt(totals["global_var"] / n),
+            "target_std_rms": math.sqrt(totals["target_var"] / n),
+            "spread_rms": math.sqrt(totals["spread"] / n),
+        }
+        return directions, logs
 
 
 class ReptileView:
@@ -137,10 +184,11 @@ class ReptileView:
     def inner_regularizer(self) -> tuple[torch.Tensor, dict[str, float]]:
         return torch.zeros(()), {}
 
-    def outer_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
-        direction = [(g - l).detach() for g, l in zip(self.global_params(), self.local_params())]
+    def outer_direction(self) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """``global - local``: the step ``global -= eps * direction`` is Reptile's interpolation."""
+        direction = global_update.reptile_direction(self.global_params(), self.local_params())
         distance = math.sqrt(sum(d.float().square().sum().item() for d in direction))
-        return linear_surrogate(self.global_params(), direction), {"reptile_distance": distance}
+        return direction, {"reptile_distance": distance}
 
 
 class SnapshotView:

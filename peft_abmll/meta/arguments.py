@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from transformers import TrainingArguments
 
+logger = logging.getLogger(__name__)
+
 META_ALGORITHMS = ("abmll", "reptile")
 INNER_OPTIMIZERS = ("adamw", "sgd")
+GLOBAL_UPDATES = ("natural", "gradient")
 # Inner-loop and test-time adaptation learning rate. 3e-4 beat 1e-3 and 3e-3 for ABMLL on every seed of the
 # quality benchmark (5 AdamW steps on 10 support examples over-fit at 1e-3); see docs/benchmarks.md.
 DEFAULT_INNER_LR = 3e-4
@@ -21,13 +26,43 @@ class MetaTrainingArguments(TrainingArguments):
 
     One *training step* of the Trainer is one task's episode: ``inner_steps`` local steps on support
     batches of ``inner_batch_size`` examples, then one contribution to the global update. Use
-    ``gradient_accumulation_steps`` for several tasks per global update. ``learning_rate`` is the
-    global (outer) learning rate; for Reptile it is the interpolation step ``eps``.
+    ``gradient_accumulation_steps`` for several tasks per global update (their steps are averaged).
+
+    The global update (``global_update="natural"``, the default, and Reptile) moves the global adapter a
+    fraction ``outer_step_size`` of the way to what the task's adaptation says (see ``docs/method.md``):
+    it is an interpolation, not a gradient step, so it is never clipped (``max_grad_norm`` is set to 0
+    and a non-zero value is refused with a warning), and its step size follows ``lr_scheduler_type``
+    (the default ``"linear"`` anneals it to 0, as Reptile does). ``learning_rate`` is then only the step
+    size of the optional first-order query term. ``global_update="gradient"`` is the paper read literally:
+    AdamW at ``learning_rate`` on ``beta * (KL - log p(global))``, with the Trainer's clipping.
     """
 
     meta_algorithm: Literal["abmll", "reptile"] = field(
         default="abmll",
         metadata={"help": "'abmll' (Bayesian, needs an ABMLL adapter) or 'reptile' (plain LoRA; see baselines)."},
+    )
+    global_update: Literal["natural", "gradient"] = field(
+        default="natural",
+        metadata={
+            "help": "ABMLL's global update. 'natural': the natural-gradient step of the outer objective, global mean "
+            "toward the adapted means and global variance toward their spread (docs/method.md). 'gradient': AdamW "
+            "on beta * (KL - log p(global)) as the paper reads literally (measured data-blind; kept for comparison)."
+        },
+    )
+    outer_step_size: float = field(
+        default=1.0,
+        metadata={
+            "help": "Step size eps of the global update ('natural' and Reptile): the global adapter moves a fraction "
+            "eps of the way to the task's adapted one, eps annealed by lr_scheduler_type (default linear to 0). "
+            "Reptile's paper: 1.0, annealed linearly."
+        },
+    )
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "Gradient clipping of the global update; only global_update='gradient' uses it (the natural and "
+            "Reptile steps are interpolations, never clipped)."
+        },
     )
     inner_steps: int = field(default=5, metadata={"help": "Local gradient steps per task (K; paper: 5)."})
     inner_batch_size: int = field(default=2, metadata={"help": "Examples per inner step (paper: 2)."})
@@ -85,6 +120,19 @@ class MetaTrainingArguments(TrainingArguments):
             self.gradient_checkpointing_kwargs = {**kwargs, "use_reentrant": False}
         super().__post_init__()
         self._validate_meta()
+        if self.uses_interpolation and self.max_grad_norm:
+            logger.warning(
+                "MetaTrainingArguments: max_grad_norm=%s is ignored: the %s global update is an interpolation with "
+                "step outer_step_size, not a gradient step, so it is not clipped. Set max_grad_norm=0 to silence this.",
+                self.max_grad_norm,
+                "Reptile" if self.meta_algorithm == "reptile" else "natural",
+            )
+            self.max_grad_norm = 0.0
+
+    @property
+    def uses_interpolation(self) -> bool:
+        """Whether the global update is an interpolation with step ``outer_step_size`` (natural or Reptile)."""
+        return self.meta_algorithm == "reptile" or self.global_update == "natural"
 
     def evaluation_kwargs(self) -> dict[str, Any]:
         """The `peft_abmll.evaluate_tasks` settings of the held-out-task protocol these arguments describe."""
@@ -109,6 +157,12 @@ class MetaTrainingArguments(TrainingArguments):
     def _validate_meta(self) -> None:
         if self.meta_algorithm not in META_ALGORITHMS:
             raise ValueError(f"meta_algorithm={self.meta_algorithm!r}; choose one of {META_ALGORITHMS}.")
+        if self.global_update not in GLOBAL_UPDATES:
+            raise ValueError(f"global_update={self.global_update!r}; choose one of {GLOBAL_UPDATES}.")
+        if not (math.isfinite(self.outer_step_size) and 0 < self.outer_step_size <= 1):
+            raise ValueError(
+                f"outer_step_size={self.outer_step_size} must be in (0, 1]."
+            )
         if self.inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer={self.inner_optimizer!r}; choose one of {INNER_OPTIMIZERS}.")
         for name in ("inner_steps", "inner_batch_size", "max_length", "max_choices", "ece_bins"):

@@ -5,8 +5,9 @@ One Trainer step = one task episode:
 ```text
 local <- global                                          (reset)
 K inner steps on the local pairs: NLL + beta * KL         (own fresh optimizer, global frozen)
-global update through the Trainer's optimizer:
-    beta * KL(q_local || p_global) - beta * log p(global) (+ first-order query NLL gradient)
+global update through the Trainer's optimizer (SGD at outer_step_size on a direction d):
+    global -= eps * d,  d = natural-gradient step of KL(q_local || p_global) - w log p(global)
+    (Reptile: d = global - local; global_update="gradient": AdamW on beta * (KL - log p(global)))
 ```
 
 Everything else is the Trainer's: progress bars, callbacks, logging, gradient accumulation (tasks
@@ -109,16 +110,22 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if self.args.meta_algorithm == "reptile":
             return ReptileView(model)
-        return ABMLLView(model, beta=self.args.beta)
+        num_tasks = len(self.train_dataset) if self.train_dataset is not None else 1
+        return ABMLLView(model, beta=self.args.beta, prior_weight=1.0 / num_tasks)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`, leaving the model with local == global (the meta-learned adapter).
 
         An ABMLL adapter's config records the test-time rate it is meta-learned for
-        (``adaptation_learning_rate``), so `peft_abmll.adapt` on the saved adapter uses the same one.
+        (``adaptation_learning_rate``) and, when set, the posterior samples of its evaluation
+        (``eval_num_samples`` as ``num_samples``), so `peft_abmll.adapt` and `predict_proba` on the saved
+        adapter use the same protocol.
         """
         if isinstance(self.view, ABMLLView):
-            self.view.tuner.abmll_config().adaptation_learning_rate = self.args.test_learning_rate
+            config = self.view.tuner.abmll_config()
+            config.adaptation_learning_rate = self.args.test_learning_rate
+            if self.args.eval_num_samples is not None:
+                config.num_samples = self.args.eval_num_samples
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -145,10 +152,15 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
 
     # --------------------------------------------------------------------------------- optimisation
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer over the *global* parameters (Reptile: SGD = interpolation)."""
+        """The Trainer's optimizer over the *global* parameters.
+
+        Natural and Reptile updates: plain SGD at ``outer_step_size`` on the update direction, so a step is
+        exactly ``global -= eps * direction`` (the Trainer's scheduler anneals ``eps``). ``"gradient"``: the
+        Trainer's own optimizer (AdamW at ``learning_rate``).
+        """
         _only_trainable(self.accelerator.unwrap_model(self.model), self.view.global_params())
-        if self.optimizer is None and self.args.meta_algorithm == "reptile":
-            self.optimizer = torch.optim.SGD(self.view.global_params(), lr=self.args.learning_rate)
+        if self.optimizer is None and self.args.uses_interpolation:
+            self.optimizer = torch.optim.SGD(self.view.global_params(), lr=self.args.outer_step_size)
             return self.optimizer
         return super().create_optimizer(model)
 
@@ -213,10 +225,7 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
     ) -> Any:
         if OUTER_KEY not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, logs = self.view.outer_loss()
-        if self._pending_query_grads is not None:
-            loss = loss + linear_surrogate(self.view.global_params(), self._pending_query_grads)
-            self._pending_query_grads = None
+        loss, logs = self._outer_objective()
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"Non-finite global-update loss {loss.item()} at global step {self.state.global_step} on task "
@@ -226,6 +235,32 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
         for key, value in logs.items():
             self._update_logs[key].append(value)
         return (loss, None) if return_outputs else loss
+
+    def _outer_objective(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """A scalar whose gradient on the global parameters is the update direction (its value is 0).
+
+        Natural / Reptile: the direction of `view.outer_direction` (the optimizer is SGD at ``eps``), plus
+        the first-order query gradient scaled by ``learning_rate / eps``. ``"gradient"``: the paper's loss.
+        """
+        params = self.view.global_params()
+        if not self.args.uses_interpolation:
+            loss, logs = self.view.outer_loss()
+            directions = None
+        else:
+            directions, logs = self.view.outer_direction()
+            loss = torch.zeros((), device=params[0].device)
+        query = self._pending_query_grads
+        self._pending_query_grads = None
+        if query is not None:
+            ratio = self.args.learning_rate / self.args.outer_step_size if self.args.uses_interpolation else 1.0
+            directions = [
+                (0 if d is None else d) + ratio * g.to(p.dtype)
+                for d, g, p in zip(directions or [None] * len(params), query, params)
+            ]
+        if directions is not None:
+            surrogate = linear_surrogate(params, directions)
+            loss = loss + surrogate - surrogate.detach()
+        return loss, logs
 
     # --------------------------------------------------------------------------------- multi-process
     def _average_global_grads_across_processes(self) -> None:

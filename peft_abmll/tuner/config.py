@@ -17,6 +17,7 @@ SAMPLING_MODES = ("local", "weight")
 PREDICTIVE_MODES = ("mean", "sample")
 POSTERIORS = ("global", "local")
 BIAS_MODES = ("none", "all", "abmll_only")
+KL_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass
@@ -116,21 +117,35 @@ class ABMLLConfig(PeftConfig):
         },
     )
     beta: float = field(
-        default=1e-7,
+        default=1.0,
         metadata={
-            "help": "Weight of the KL and hyperprior terms in the loss (the paper's tempering; 1e-7 there). These "
-            "terms sum over every weight entry while the data loss is a per-token mean, hence the small value."
+            "help": "Weight of KL(local || global) next to the data loss (a per-token mean NLL). With "
+            "kl_reduction='mean' (the default) the KL is averaged over the adapted weight entries, so a beta keeps its "
+            "meaning from a 100M to an 8B model; with 'sum' it is summed as in the paper (which uses 1e-7 there)."
+        },
+    )
+    kl_reduction: Literal["mean", "sum"] = field(
+        default="mean",
+        metadata={
+            "help": "How the KL term in a training loss is reduced over the entries of Delta W: 'mean' (per adapted "
+            "entry, size-independent) or 'sum' (the paper's, whose beta must shrink as the model grows). Adapters "
+            "saved before this field existed load with 'sum', the meaning their beta had."
         },
     )
     prior_a0: float = field(
-        default=1.0, metadata={"help": "Shape a0 of the Gamma hyperprior on the global precision 1/sigma^2 (ABML: 1)."}
+        default=1.5,
+        metadata={
+            "help": "Shape a0 of the Gamma hyperprior on every global precision 1/sigma^2. In the global update it "
+            "counts as 2*(a0-1) pseudo-tasks whose variance is the prior's mode b0/(a0-1); a0 > 1 gives a finite "
+            "mode. ABML uses 1 (no mode: the prior pushes every variance up without bound)."
+        },
     )
     prior_b0: Optional[float] = field(
-        default=0.01,
+        default=None,
         metadata={
-            "help": "Rate b0 of the Gamma hyperprior on the global precision (ABML: 0.01). None: prior_a0 * "
-            "init_std**2, which puts the prior's mean precision a0/b0 at 1/init_std**2, the scale of the initial "
-            "posterior (ABML's 0.01 suits weights of order 0.1, not weight updates of order init_std)."
+            "help": "Rate b0 of the Gamma hyperprior on the global precision. None (default): (prior_a0 - 1) * "
+            "init_std**2, which puts the prior's mode at a standard deviation of init_std, the scale of the "
+            "adapter's updates. ABML's 0.01 suits weights of order 0.1, not weight updates of order init_std."
         },
     )
     prior_mean_std: float = field(
@@ -155,7 +170,11 @@ class ABMLLConfig(PeftConfig):
     )
     num_samples: int = field(
         default=1,
-        metadata={"help": "Posterior samples averaged at prediction time with predictive_mode='sample' (paper: 1)."},
+        metadata={
+            "help": "Posterior samples whose predictive probabilities `peft_abmll.predict_proba` and `evaluate_tasks` "
+            "average by default (Monte Carlo). 1: predictive_mode decides (the mean, or one sample as in the paper). "
+            "MetaTrainer records its eval_num_samples here."
+        },
     )
     sample_seed: int = field(
         default=0, metadata={"help": "Seed of the eval-mode samples (predictive_mode='sample'), for reproducibility."}
@@ -196,6 +215,8 @@ class ABMLLConfig(PeftConfig):
         settings were ignored. Known keys are validated as usual (a bad value raises a ValueError).
         """
         known = {f.name for f in dataclasses.fields(cls)}
+        if "beta" in kwargs and "kl_reduction" not in kwargs:
+            kwargs = {**kwargs, "kl_reduction": "sum"}  # saved before kl_reduction existed: beta weighed a summed KL
         unknown = sorted(set(kwargs) - known)
         if unknown:
             from .._version import __version__
@@ -217,8 +238,8 @@ class ABMLLConfig(PeftConfig):
 
     @property
     def gamma_rate(self) -> float:
-        """The Gamma hyperprior's rate: ``prior_b0``, or ``prior_a0 * init_std**2`` when it is None."""
-        return self.prior_a0 * self.init_std**2 if self.prior_b0 is None else self.prior_b0
+        """The Gamma hyperprior's rate: ``prior_b0``, or ``(prior_a0 - 1) * init_std**2`` (mode at init_std)."""
+        return (self.prior_a0 - 1.0) * self.init_std**2 if self.prior_b0 is None else self.prior_b0
 
     def _validate(self) -> None:
         """Raise a ValueError naming the field and the fix for any inconsistent value."""
@@ -299,6 +320,12 @@ class ABMLLConfig(PeftConfig):
             self.modules_to_save,
             "a list of module names, or None",
         )
+        if self.prior_b0 is None and self.prior_a0 <= 1:
+            raise ValueError(
+                f"ABMLLConfig: prior_b0=None puts the Gamma hyperprior's mode at init_std, which needs prior_a0 > 1 "
+                f"(got prior_a0={self.prior_a0}). Use prior_a0 > 1 (e.g. 1.5), or give prior_b0 explicitly."
+            )
+        _choice("kl_reduction", self.kl_reduction, KL_REDUCTIONS)
         _choice("scale_type", self.scale_type, SCALE_TYPES)
         _choice("sampling", self.sampling, SAMPLING_MODES)
         _choice("predictive_mode", self.predictive_mode, PREDICTIVE_MODES)

@@ -188,16 +188,25 @@ class ABMLLModel(BaseTuner):
             raise ValueError(f"Unknown adapter {missing}; available: {sorted(self.peft_config)}.")
         return names
 
-    def _sum_over_layers(self, method: str, adapter_name: Optional[str]) -> torch.Tensor:
-        total = None
+    def abmll_layers_with_adapter(self, adapter_name: Optional[str] = None) -> Iterator[tuple[ABMLLLayer, str]]:
+        """``(layer, adapter name)`` for every ABMLL layer holding the adapter(s), in a fixed order."""
         for name in self._adapter_names(adapter_name):
             for layer in self._abmll_layers():
                 if name in layer.abmll_global_mean_A:
-                    value = getattr(layer, method)(name)
-                    total = value if total is None else total + value.to(total.device)
+                    yield layer, name
+
+    def _sum_over_layers(self, method: str, adapter_name: Optional[str]) -> torch.Tensor:
+        total = None
+        for layer, name in self.abmll_layers_with_adapter(adapter_name):
+            value = getattr(layer, method)(name)
+            total = value if total is None else total + value.to(total.device)
         if total is None:
             raise ValueError(f"No ABMLL layer holds adapter {adapter_name or self.active_adapters}.")
         return total
+
+    def num_adapted_entries(self, adapter_name: Optional[str] = None) -> int:
+        """Entries of ``Delta W`` the adapter(s) model, summed over layers (the KL's per-entry denominator)."""
+        return sum(layer.out_features * layer.in_features for layer, _ in self.abmll_layers_with_adapter(adapter_name))
 
     def kl_divergence(self, adapter_name: Optional[str] = None) -> torch.Tensor:
         """``KL(q_local || p_global)`` summed over every adapted layer (float32 scalar, differentiable)."""
@@ -209,10 +218,8 @@ class ABMLLModel(BaseTuner):
 
     def reset_local_to_global(self, adapter_name: Optional[str] = None) -> None:
         """Copy the global pairs into the local pairs (``phi <- theta``) in every layer."""
-        for name in self._adapter_names(adapter_name):
-            for layer in self._abmll_layers():
-                if name in layer.abmll_global_mean_A:
-                    layer.reset_local_to_global(name)
+        for layer, name in self.abmll_layers_with_adapter(adapter_name):
+            layer.reset_local_to_global(name)
 
     def set_posterior(self, posterior: Literal["global", "local"], adapter_name: Optional[str] = None) -> None:
         """Use the "global" or "local" posterior in forward, merge and export (recorded in the config)."""
@@ -224,10 +231,8 @@ class ABMLLModel(BaseTuner):
 
     def set_trainable_posterior(self, which: str, adapter_name: Optional[str] = None) -> None:
         """Let only the "global", only the "local", "both" or "none" of the pairs receive gradients."""
-        for name in self._adapter_names(adapter_name):
-            for layer in self._abmll_layers():
-                if name in layer.abmll_global_mean_A:
-                    layer.set_trainable_posterior(name, which)
+        for layer, name in self.abmll_layers_with_adapter(adapter_name):
+            layer.set_trainable_posterior(name, which)
 
     def global_parameters(self, adapter_name: Optional[str] = None) -> list[nn.Parameter]:
         """The global-pair parameters of the adapter(s), in a fixed order."""
@@ -239,10 +244,8 @@ class ABMLLModel(BaseTuner):
 
     def _pair_parameters(self, posterior: str, adapter_name: Optional[str]) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
-        for name in self._adapter_names(adapter_name):
-            for layer in self._abmll_layers():
-                if name in layer.abmll_global_mean_A:
-                    params.extend(layer.posterior_factors(name, posterior))
+        for layer, name in self.abmll_layers_with_adapter(adapter_name):
+            params.extend(layer.posterior_factors(name, posterior))
         return params
 
     @contextlib.contextmanager
