@@ -22,7 +22,11 @@ def tiny_llama() -> LlamaForCausalLM:
     """A tiny random Llama; the same weights on every call (seeded)."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         num_key_value_heads=2,
     )
     return LlamaForCausalLM(config)

@@ -160,9 +160,7 @@ class MetaTrainingArguments(TrainingArguments):
         if self.global_update not in GLOBAL_UPDATES:
             raise ValueError(f"global_update={self.global_update!r}; choose one of {GLOBAL_UPDATES}.")
         if not (math.isfinite(self.outer_step_size) and 0 < self.outer_step_size <= 1):
-            raise ValueError(
-                f"outer_step_size={self.outer_step_size} must be in (0, 1]."
-            )
+            raise ValueError(f"outer_step_size={self.outer_step_size} must be in (0, 1].")
         if self.inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer={self.inner_optimizer!r}; choose one of {INNER_OPTIMIZERS}.")
         for name in ("inner_steps", "inner_batch_size", "max_length", "max_choices", "ece_bins"):
