@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from . import bayes
-from .fused import ScaleSpec, _block_moments, _blocks, _prescaled
+from .fused import ScaleSpec, _block_moments, _blocks, _Moments, _prescaled
 
 __all__ = ["GlobalUpdateStats", "HyperPrior", "abmll_direction", "reptile_direction"]
 
@@ -120,7 +120,7 @@ def _at_least_float32(factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ..
     return tuple(t.detach().to(torch.promote_types(t.dtype, torch.float32)) for t in factors)
 
 
-def _add_stats(stats: GlobalUpdateStats, mp: dict, mq: dict, diff: torch.Tensor, prior: HyperPrior) -> None:
+def _add_stats(stats: GlobalUpdateStats, mp: _Moments, mq: _Moments, diff: torch.Tensor, prior: HyperPrior) -> None:
     """Accumulate the per-entry sums of one block (KL, -log hyperprior, variances, spread)."""
     ratio = mq["var"] / mp["var"]
     stats["entries"] += float(diff.numel())
