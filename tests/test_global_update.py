@@ -373,3 +373,33 @@ def test_every_method_depends_on_the_seed_alone(method, tok, shared_rule, tmp_pa
     a, b, c = trained(0, noise=1), trained(0, noise=2), trained(1, noise=1)
     assert a and all(torch.equal(x, y) for x, y in zip(a, b))
     assert any(not torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_adapter_saved_before_kl_reduction_keeps_its_summed_beta(tok, tmp_path):
+    """An adapter_config.json without kl_reduction (older peft-abmll) loads with 'sum', the meaning of its beta."""
+    import json
+
+    from peft import PeftModel
+
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig(beta=1e-7))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    assert saved["kl_reduction"] == "mean"
+    del saved["kl_reduction"]
+    path.write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(tiny_lm(tok), tmp_path)
+    assert loaded.peft_config["default"].kl_reduction == "sum"
+    assert loaded.peft_config["default"].beta == 1e-7
+
+
+def test_bad_global_update_settings_are_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"prior_a0 > 1"):
+        ABMLLConfig(prior_a0=1.0)  # prior_b0=None puts the mode at init_std, which needs a0 > 1
+    assert ABMLLConfig(prior_a0=1.0, prior_b0=0.01).gamma_rate == 0.01  # ABML's own prior, explicitly
+    assert ABMLLConfig(init_std=2e-3).gamma_rate == pytest.approx(0.5 * 4e-6)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="outer_step_size"):
+            _args(tmp_path, outer_step_size=bad)
+    with pytest.raises(ValueError, match="global_update"):
+        _args(tmp_path, global_update="adam")
