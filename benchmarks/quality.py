@@ -120,7 +120,7 @@ def run_one(
 ) -> list[dict[str, Any]]:
     """Train `job` once with `seed`; evaluate it unpruned and at each of the job's prune fractions."""
     train, held_out = tasks
-    margs = MetaTrainingArguments(
+    settings = dict(
         output_dir=str(Path(args.work_dir) / job["name"] / f"seed{seed}"),
         max_steps=args.steps,
         seed=seed,
@@ -136,8 +136,8 @@ def run_one(
         logging_steps=10,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
-        **job["args"],
     )
+    margs = MetaTrainingArguments(**{**settings, **job["args"]})  # a job's own arguments win
     config = ABMLLConfig(**job["config"])
     start = time.perf_counter()
     model = train_method(job["method"], model_fn, tokenizer, train, margs, config, lora_learning_rate=args.lora_lr)

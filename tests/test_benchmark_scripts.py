@@ -84,3 +84,30 @@ def test_summary_table_averages_seeds() -> None:
     lines = table.splitlines()
     assert len(lines) == 4
     assert "| a | 2 | 0.300 ± 0.141 |" in lines[2] and "| b | 1 | 0.500 ± 0.000 |" in lines[3]
+
+
+def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch) -> None:
+    """``--arg outer_step_size=0.1`` must win over ``--outer-step`` (it used to raise a duplicate-keyword error)."""
+    seen = {}
+
+    def fake_train(method, model_fn, tokenizer, train, margs, config, lora_learning_rate=None):
+        seen["args"] = margs
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(quality, "train_method", fake_train)
+    args = argparse.Namespace(
+        work_dir=str(tmp_path),
+        steps=1,
+        lr=1e-3,
+        outer_step=1.0,
+        inner_lr=3e-4,
+        num_samples=None,
+        adapt_lr=None,
+        max_length=64,
+        max_query=2,
+        lora_lr=None,
+    )
+    job = {"name": "abmll-outer_step_size=0.1", "method": "abmll", "config": {}, "args": {"outer_step_size": 0.1}}
+    with pytest.raises(RuntimeError, match="stop"):
+        quality.run_one(job, 0, args, (None, None), None, None)
+    assert seen["args"].outer_step_size == 0.1
