@@ -39,6 +39,7 @@ from peft_abmll.cli import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from peft_abmll.data import TaskEncoder
 from peft_abmll.experiment import load_causal_lm, resolve_tasks
 from peft_abmll.meta.arguments import DEFAULT_INNER_LR, MetaTrainingArguments
+from peft_abmll.metrics import accuracy, bootstrap_interval, expected_calibration_error, negative_log_likelihood
 from peft_abmll.tuner.config import ABMLLConfig
 from peft_abmll.tuner.layer import ABMLLLayer
 
@@ -160,6 +161,9 @@ def run_one(
                 "per_task": result["per_task"],
                 "global_std": global_std,
                 "global_mean_rms": mean_rms,
+                # per query example, in task order: what intervals and paired differences are computed from
+                "probs": [[round(p, 6) for p in row] for row in result["probs"]],
+                "labels": result["labels"],
                 "train_seconds": train_s,
                 "eval_seconds": time.perf_counter() - start,
             }
@@ -236,6 +240,52 @@ def summarise(records: list[dict[str, Any]], markdown: bool = False) -> str:
     )
 
 
+def interval_summary(records: list[dict[str, Any]], reference: str = "pretrained", n_resamples: int = 1000) -> str:
+    """Pooled metrics over every seed's query examples with 95 % bootstrap intervals, and paired differences.
+
+    Examples are resampled within (seed, task) groups. The paired difference to `reference` uses the same
+    seeds' records: their query examples are the same (the split depends on the seed alone), so each
+    configuration is compared with the reference example by example. Records without per-example
+    probabilities (older runs) are left out.
+    """
+    metrics = {"accuracy": accuracy, "NLL": negative_log_likelihood, "ECE": expected_calibration_error}
+    rows = [r for r in records if "probs" in r and not r["prune"]]
+    pooled = {name: _pooled([r for r in rows if r["name"] == name]) for name in dict.fromkeys(r["name"] for r in rows)}
+    header = ["configuration", "seeds", "n", *metrics, *(f"Δ {k} vs {reference}" for k in metrics)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, (probs, labels, groups, seeds) in pooled.items():
+        cells = [name, str(len(seeds)), str(len(labels))]
+        for metric in metrics.values():
+            cells.append(_interval(bootstrap_interval(metric, probs, labels, groups, n_resamples=n_resamples)))
+        ref = pooled.get(reference)
+        if ref is not None and name != reference and seeds == ref[3]:
+            for metric in metrics.values():
+                diff = bootstrap_interval(metric, probs, labels, groups, other=ref[0], n_resamples=n_resamples)
+                cells.append(_interval(diff, signed=True))
+        else:
+            cells.extend(["–"] * len(metrics))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pooled(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Probabilities (padded to 4 options), labels and (seed, task) group ids of `rows`, in seed order."""
+    rows = sorted(rows, key=lambda r: r["seed"])
+    probs, labels, groups = [], [], []
+    for r in rows:
+        p = torch.tensor(r["probs"], dtype=torch.float32)
+        probs.append(torch.nn.functional.pad(p, (0, 4 - p.shape[1])))
+        labels.extend(r["labels"])
+        for t, task in enumerate(r["per_task"].values()):
+            groups.extend([r["seed"] * 1000 + t] * task["n"])
+    return torch.cat(probs), torch.tensor(labels), groups, [r["seed"] for r in rows]
+
+
+def _interval(stat: dict[str, float], signed: bool = False) -> str:
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    return f"{fmt.format(stat['value'])} [{fmt.format(stat['low'])}, {fmt.format(stat['high'])}]"
+
+
 def plot_pruning(records: list[dict[str, Any]], path: Path) -> Path:
     """Held-out accuracy and ECE (mean over seeds) against the pruned fraction, one line per method (PNG)."""
     import matplotlib
@@ -307,6 +357,8 @@ def main() -> None:
             out.write_text(json.dumps({"records": records, "settings": vars(args)}, indent=2))
     wanted = {name for job in jobs for name in record_names(job)}
     print(summarise([r for r in records if r["name"] in wanted], markdown=args.markdown))
+    print("\nPooled over seeds, 95 % bootstrap intervals (examples resampled within seed x task):")
+    print(interval_summary([r for r in records if r["name"] in wanted]))
     print(f"\nwrote {out}")
     if args.prune:
         png = plot_pruning([r for r in records if r["name"] in wanted], out.with_suffix(".png"))

@@ -111,3 +111,34 @@ def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="stop"):
         quality.run_one(job, 0, args, (None, None), None, None)
     assert seen["args"].outer_step_size == 0.1
+
+
+def test_interval_table_pairs_configurations_on_the_same_examples() -> None:
+    """A configuration that is better on every example shows a paired difference whose interval excludes 0."""
+
+    def record(name: str, seed: int, shift: float) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 3, (40,), generator=g)
+        logits = torch.randn(40, 3, generator=g) + shift * torch.nn.functional.one_hot(labels, 3)
+        per_task = {"a": {"n": 20}, "b": {"n": 20}}
+        probs = torch.softmax(logits, -1).tolist()
+        return {
+            "name": name,
+            "seed": seed,
+            "prune": 0.0,
+            "probs": probs,
+            "labels": labels.tolist(),
+            "per_task": per_task,
+        }
+
+    records = [record("pretrained", s, 0.0) for s in (0, 1)] + [record("abmll", s, 2.0) for s in (0, 1)]
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in quality.interval_summary(records, n_resamples=200).splitlines()
+    }
+    cells = rows["abmll"].strip("| ").split(" | ")
+    assert cells[1:3] == ["2", "80"]  # seeds, examples behind every number
+    delta_accuracy = cells[6]
+    value, low, high = (float(x) for x in delta_accuracy.replace("[", "").replace("]", "").replace(",", "").split())
+    assert 0 < low <= value <= high
+    assert rows["pretrained"].count("–") == 3  # no difference to itself
