@@ -6,7 +6,8 @@
 The family (`peft_abmll.synthetic.task_family`, rule "first") answers the first option, but each label is
 replaced by a random option with probability ``--noise``: the calibrated prediction is known
 (``1 - p + p/3`` on the first option), so is the best attainable NLL (its entropy) and an ECE of 0. A tiny
-Llama is meta-trained with ABMLL on the training tasks; then on held-out tasks of the same family each
+Llama (``--init-range 1``: weights large enough for confident predictions) is meta-trained with ABMLL on the
+training tasks; then on held-out tasks of the same family each
 prediction mode adapts on 5 support batches and predicts the rest: the posterior mean (S = 1, deterministic)
 and the average of S seeded posterior samples. Metrics are pooled over all query examples with 95 % bootstrap
 intervals (examples resampled within tasks), and the paired difference to the mean prediction on the same
@@ -38,7 +39,8 @@ def meta_train(tokenizer: Any, beta: float, seed: int, args: argparse.Namespace)
     """ABMLL meta-trained on the noisy family (tiny Llama, inner / test-time rate ``args.inner_lr``)."""
     train = task_family(args.train_tasks, 40, seed=seed, rule="first", label_noise=args.noise)
     with seeded_torch_rng(seed, 1):
-        model = get_peft_model(tiny_lm(tokenizer, seed=seed), ABMLLConfig(beta=beta))
+        base = tiny_lm(tokenizer, seed=seed, initializer_range=args.init_range)
+        model = get_peft_model(base, ABMLLConfig(beta=beta))
     margs = MetaTrainingArguments(
         output_dir=str(Path(args.work_dir) / f"beta{beta:g}-seed{seed}"),
         max_steps=args.steps,
@@ -123,6 +125,12 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.3, help="Label noise of the family (the known truth).")
     parser.add_argument("--steps", type=int, default=200, help="Meta-training episodes.")
     parser.add_argument("--inner-lr", type=float, default=1e-2, help="Inner and test-time learning rate.")
+    parser.add_argument(
+        "--init-range",
+        type=float,
+        default=1.0,
+        help="initializer_range of the tiny Llama (at transformers' 0.02 its head cannot express confidence).",
+    )
     parser.add_argument("--train-tasks", type=int, default=8)
     parser.add_argument("--eval-tasks", type=int, default=8)
     parser.add_argument("--queries", type=int, default=60, help="Query examples per held-out task.")

@@ -23,7 +23,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from .data import TaskData, TaskEncoder, prepare_tasks, seeded_torch_rng
+from .data import TaskData, TaskEncoder, as_examples, prepare_tasks, seeded_torch_rng
 from .meta.algorithms import SnapshotView, abmll_tuner, inner_loop, make_view
 from .meta.arguments import DEFAULT_INNER_LR
 from .metrics import classification_metrics, plot_reliability_diagram
@@ -85,8 +85,9 @@ def adapt(
     Returns:
         One log dict per step (``nll``, ``loss``, ``kl``).
     """
-    if not support:
+    if support is None or (hasattr(support, "__len__") and len(support) == 0):
         raise ValueError(f"Cannot adapt to task {task!r}: no support examples given.")
+    support = as_examples(support, f"support examples of task {task!r}")
     lr = adaptation_learning_rate(model) if lr is None else lr
     enc = _encoder(tokenizer, encoder)
     rng = np.random.default_rng(seed)
@@ -154,6 +155,8 @@ def predict_proba(
         ``(len(examples), max choices)`` float32; invalid options are 0; rows sum to 1.
     """
     enc = _encoder(tokenizer, encoder)
+    examples = as_examples(examples, "predict_proba examples")
+    shots = as_examples(shots, "in-context examples") if num_shots > 0 and _non_empty(shots) else []
     width = max(len(e["choices"]) for e in examples)
     letter_ids = torch.tensor(enc.label_token_ids(width))
     samples = _num_samples(model, num_samples)
@@ -175,6 +178,10 @@ def predict_proba(
     finally:
         model.train(was_training)
     return probs
+
+
+def _non_empty(rows: Any) -> bool:
+    return rows is not None and len(rows) > 0
 
 
 def _shots(pool: Examples, k: int, rng: np.random.Generator) -> list:
@@ -286,7 +293,7 @@ def evaluate_tasks(
     a single-process run), and only the main process writes files.
     """
     lr = adaptation_learning_rate(model) if lr is None else lr
-    grouped = prepare_tasks(tasks, max_choices) if not _is_grouped(tasks) else tasks
+    grouped = prepare_tasks(tasks, max_choices)
     enc = _encoder(tokenizer, encoder)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     n_support = support_batches * batch_size
@@ -370,10 +377,6 @@ def _evaluate_task(
             model, query, encoder=encoder, num_samples=num_samples, shots=support, num_shots=num_shots, seed=seed + t
         )
     return t, task, probs.cpu(), torch.tensor([e["label"] for e in query])
-
-
-def _is_grouped(tasks: Any) -> bool:
-    return isinstance(tasks, Mapping) and all(isinstance(v, list) for v in tasks.values())
 
 
 def _pad(probs: torch.Tensor, width: int) -> torch.Tensor:

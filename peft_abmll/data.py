@@ -22,35 +22,65 @@ logger = logging.getLogger("peft_abmll")
 LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 INSTRUCTION = "Return the label of the correct answer for the question below."
 REQUIRED_COLUMNS = ("task", "question", "choices", "label")
-TaskData = Union[Dataset, Mapping[str, Dataset]]
+TaskData = Union[Dataset, Sequence[Mapping[str, Any]], Mapping[str, Any]]
 
 
 # ----------------------------------------------------------------------------------------------- tasks
 def prepare_tasks(data: TaskData, max_choices: int = 4) -> dict[str, list[dict[str, Any]]]:
     """Validate task-format data and group it by task.
 
-    Drops examples with more than `max_choices` choices (logging the count per task). Raises a
-    ValueError naming the task and row for a missing column, an empty task, or a missing /
-    out-of-range label.
+    `data` is a `datasets.Dataset`, a sequence of row dicts (each with a ``task``), or a mapping task name ->
+    `Dataset` / sequence of rows (the ``task`` column is then optional). Drops examples with more than
+    `max_choices` choices (logging the count per task). Raises a ValueError naming the task and row for a
+    missing column, an empty task, or a missing / out-of-range label.
 
     Returns:
         task name -> list of example dicts (``question``, ``choices``, ``label``, ``context``).
     """
-    datasets = {None: data} if isinstance(data, Dataset) else dict(data)
+    groups = dict(data) if isinstance(data, Mapping) else {None: data}
     tasks: dict[str, list[dict[str, Any]]] = {}
-    for key, dataset in datasets.items():
-        missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names and not (c == "task" and key)]
-        if missing:
-            raise ValueError(
-                f"Task data {key or ''} lacks the column(s) {missing}; expected columns {list(REQUIRED_COLUMNS)} "
-                "(+ optional 'context')."
-            )
-        if len(dataset) == 0:
-            raise ValueError(f"Task {key!r} is empty: give it examples or leave it out.")
-        for row, example in enumerate(dataset):
+    for key, rows in groups.items():
+        rows = _rows(rows, what=f"Task {key!r}" if key else "Task data")
+        for row, example in enumerate(rows):
+            missing = [c for c in REQUIRED_COLUMNS if c not in example and not (c == "task" and key)]
+            if missing:
+                raise ValueError(
+                    f"Task data {key or ''} row {row} lacks the column(s) {missing}; expected columns "
+                    f"{list(REQUIRED_COLUMNS)} (+ optional 'context')."
+                )
             name = str(example.get("task") or key)
             tasks.setdefault(name, []).append(_checked_example(example, name, row))
     return _drop_long_choices(tasks, max_choices)
+
+
+def as_examples(examples: Any, task: str = "examples") -> list[dict[str, Any]]:
+    """One task's examples as validated dicts, from a `datasets.Dataset`, a list of dicts or any sequence of rows.
+
+    Each row needs ``question``, ``choices`` and ``label`` (``context`` optional). Raises a ValueError naming
+    the row otherwise, and for no examples at all.
+    """
+    rows = _rows(examples, what=task)
+    for row, example in enumerate(rows):
+        missing = [c for c in ("question", "choices", "label") if c not in example]
+        if missing:
+            raise ValueError(f"{task}: row {row} lacks {missing}; each example needs question, choices and label.")
+    return [_checked_example(example, task, row) for row, example in enumerate(rows)]
+
+
+def _rows(data: Any, what: str) -> list[Mapping[str, Any]]:
+    """The rows of a `Dataset` or of any iterable of mappings; a clear error for columns or empty data."""
+    if isinstance(data, (str, bytes)) or (isinstance(data, Mapping) and not isinstance(data, Dataset)):
+        raise TypeError(
+            f"{what}: expected rows (a datasets.Dataset or a list of dicts), got {type(data).__name__}. A dict of "
+            "columns becomes rows with datasets.Dataset.from_dict(...)."
+        )
+    rows = list(data)  # a Dataset iterates its rows as dicts
+    if not rows:
+        raise ValueError(f"{what} is empty: give it examples or leave it out.")
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, Mapping)), None)
+    if bad is not None:
+        raise TypeError(f"{what}: row {bad} is a {type(rows[bad]).__name__}, not a dict of columns.")
+    return rows
 
 
 def _checked_example(example: Mapping[str, Any], task: str, row: int) -> dict[str, Any]:

@@ -79,10 +79,22 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
 
 
-def tiny_lm(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
-    """A randomly initialised 2-layer Llama over `tokenizer`'s vocabulary (weights drawn from `seed`)."""
+def tiny_lm(
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    initializer_range: float = 0.02,
+) -> LlamaForCausalLM:
+    """A randomly initialised 2-layer Llama over `tokenizer`'s vocabulary (weights drawn from `seed`).
+
+    With transformers' default ``initializer_range`` (0.02) the output head's rows are so small that no
+    adapter on the attention projections can make a letter much more likely than another (the top
+    probability over three options stays near 0.5); a larger range lets the model become confident.
+    """
     torch.manual_seed(seed)
     config = LlamaConfig(
+        initializer_range=initializer_range,
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
