@@ -6,9 +6,10 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,13 @@ class MetaTrainingArguments(TrainingArguments):
             "help": "Step size eps of the global update ('natural' and Reptile): the global adapter moves a fraction "
             "eps of the way to the task's adapted one, eps annealed by lr_scheduler_type (default linear to 0). "
             "Reptile's paper: 1.0, annealed linearly."
+        },
+    )
+    lr_scheduler_type: Union[SchedulerType, str] = field(
+        default="linear",
+        metadata={
+            "help": "Schedule of the global step: outer_step_size (natural / Reptile) or learning_rate ('gradient'). "
+            "Default 'linear': annealed to 0 over training, Reptile's schedule; 'constant' keeps it fixed."
         },
     )
     max_grad_norm: float = field(
