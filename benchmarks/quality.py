@@ -36,7 +36,6 @@ from torch import nn
 from peft_abmll.adaptation import evaluate_tasks
 from peft_abmll.baselines import METHODS, train_method
 from peft_abmll.cli import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
-from peft_abmll.data import TaskEncoder
 from peft_abmll.experiment import load_causal_lm, resolve_tasks
 from peft_abmll.meta.arguments import DEFAULT_INNER_LR, MetaTrainingArguments
 from peft_abmll.metrics import accuracy, bootstrap_interval, expected_calibration_error, negative_log_likelihood
@@ -129,6 +128,7 @@ def run_one(
         outer_step_size=args.outer_step,
         inner_learning_rate=args.inner_lr,
         eval_num_samples=args.num_samples,
+        answer_format=args.answer_format,
         adaptation_learning_rate=args.adapt_lr,
         max_length=args.max_length,
         eval_max_query=args.max_query,
@@ -144,7 +144,7 @@ def run_one(
     model = train_method(job["method"], model_fn, tokenizer, train, margs, config, lora_learning_rate=args.lora_lr)
     train_s = time.perf_counter() - start
     global_std, mean_rms = median_global_std(model), global_mean_rms(model)
-    encoder = TaskEncoder(tokenizer, max_length=args.max_length)
+    encoder = margs.task_encoder(tokenizer)
     records = []
     for prune in job["prune"]:
         start = time.perf_counter()
@@ -330,6 +330,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="Step of the first-order term / 'gradient' update.")
     parser.add_argument("--outer-step", type=float, default=1.0, help="Outer step size eps (ABMLL and Reptile).")
     parser.add_argument("--num-samples", type=int, default=None, help="Posterior samples averaged at prediction.")
+    parser.add_argument(
+        "--answer-format", default="letter", choices=["letter", "option"], help="What is trained and scored."
+    )
     parser.add_argument("--inner-lr", type=float, default=DEFAULT_INNER_LR, help="Inner and test-time learning rate.")
     parser.add_argument("--adapt-lr", type=float, default=None)
     parser.add_argument("--lora-lr", type=float, default=None, help="Regular / structured LoRA learning rate.")

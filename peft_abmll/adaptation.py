@@ -23,7 +23,15 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from .data import TaskData, TaskEncoder, as_examples, prepare_tasks, seeded_torch_rng
+from .data import (
+    ANSWER_FORMATS,
+    LetterCollisionError,
+    TaskData,
+    TaskEncoder,
+    as_examples,
+    prepare_tasks,
+    seeded_torch_rng,
+)
 from .meta.algorithms import SnapshotView, abmll_tuner, inner_loop, make_view
 from .meta.arguments import DEFAULT_INNER_LR
 from .metrics import classification_metrics, plot_reliability_diagram
@@ -144,12 +152,20 @@ def predict_proba(
     shots: Examples = (),
     num_shots: int = 0,
     seed: int = 0,
+    scoring: Optional[str] = None,
 ) -> torch.Tensor:
-    """Per-choice probabilities from the option letters' next-token probabilities.
+    """Per-choice probabilities of multiple-choice examples.
 
-    The letter probabilities are renormalised over each example's valid options and averaged over
-    `num_samples` seeded posterior samples (default: the adapter's ``num_samples``). With one, the
-    adapter's ``predictive_mode`` decides: the posterior mean (deterministic) or one sample.
+    Scoring (`scoring`, default: the encoder's ``answer_format``, so what was trained is what is scored):
+
+    - ``"letter"`` (the paper's): the option letters' next-token probabilities after the prompt,
+      renormalised over the example's valid options. A tokenizer whose letters share a first token cannot
+      be scored this way: option scoring is used instead, with a warning.
+    - ``"option"``: each option's own text scored by its mean token log-likelihood given the prompt
+      (length-normalised), softmax over the valid options; one forward per option.
+
+    Probabilities are averaged over `num_samples` seeded posterior samples (default: the adapter's
+    ``num_samples``). With one, the adapter's ``predictive_mode`` decides: the posterior mean or one sample.
 
     Returns:
         ``(len(examples), max choices)`` float32; invalid options are 0; rows sum to 1.
@@ -158,7 +174,7 @@ def predict_proba(
     examples = as_examples(examples, "predict_proba examples")
     shots = as_examples(shots, "in-context examples") if num_shots > 0 and _non_empty(shots) else []
     width = max(len(e["choices"]) for e in examples)
-    letter_ids = torch.tensor(enc.label_token_ids(width))
+    scoring, letter_ids = _scoring(enc, scoring, width)
     samples = _num_samples(model, num_samples)
     was_training = model.training
     model.eval()
@@ -167,17 +183,69 @@ def predict_proba(
     try:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            encoded = [enc.encode(e, _shots(shots, num_shots, rng)) for e in chunk]
+            chunk_shots = [_shots(shots, num_shots, rng) for _ in chunk]
+            if scoring == "option":
+                for i, (example, ex_shots) in enumerate(zip(chunk, chunk_shots)):
+                    probs[start + i, : len(example["choices"])] = _option_probs(model, enc, example, ex_shots, samples)
+                continue
+            encoded = [enc.encode(e, sh, answer_format="letter") for e, sh in zip(chunk, chunk_shots)]
             batch = _to(enc.collate(encoded), _device(model))
             batch.pop("labels")
             last = torch.tensor([e["prompt_length"] - 1 for e in encoded], device=batch["input_ids"].device)
             mask = torch.zeros(len(chunk), width, dtype=torch.bool)
             for i, e in enumerate(chunk):
                 mask[i, : len(e["choices"])] = True
+            assert letter_ids is not None  # letter scoring
             probs[start : start + len(chunk)] = _letter_probs(model, batch, last, letter_ids, mask, samples)
     finally:
         model.train(was_training)
     return probs
+
+
+def _scoring(enc: TaskEncoder, scoring: Optional[str], width: int) -> tuple[str, Optional[torch.Tensor]]:
+    """The scoring to use and, for letters, their token ids (falling back to options on a collision)."""
+    scoring = scoring or enc.answer_format
+    if scoring not in ANSWER_FORMATS:
+        raise ValueError(f"scoring={scoring!r}; choose one of {ANSWER_FORMATS}.")
+    if scoring == "option":
+        return scoring, None
+    try:
+        return scoring, torch.tensor(enc.label_token_ids(width))
+    except LetterCollisionError as err:
+        logger.warning("%s Scoring by option log-likelihood instead.", err)
+        return "option", None
+
+
+def _option_probs(
+    model: nn.Module, enc: TaskEncoder, example: Mapping[str, Any], shots: Examples, samples: int
+) -> torch.Tensor:
+    """``(num choices,)``: softmax of each option's mean token log-likelihood, averaged over posterior samples."""
+    encoded = [enc.encode_option(example, j, shots) for j in range(len(example["choices"]))]
+    batch = _to(enc.collate(encoded), _device(model))
+    labels = batch.pop("labels")
+    width = batch["input_ids"].shape[1]
+    starts = [e["prompt_length"] for e in encoded]
+    keep = width - min(starts) + 1  # the positions that predict any answer token, in every row
+    total = torch.zeros(len(encoded))
+    for draw in _posterior_draws(model, samples):
+        with draw:
+            logits = _tail_logits(model, batch, keep)  # (options, keep, vocab): positions width - keep ...
+        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
+        targets = labels[:, width - keep + 1 :]
+        picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        answer = targets != -100
+        score = (picked * answer).sum(-1) / answer.sum(-1)
+        total += torch.softmax(score.cpu(), dim=-1)
+    return total / samples
+
+
+def _tail_logits(model: nn.Module, batch: dict, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions (only those are projected when the model takes ``logits_to_keep``)."""
+    if _takes_logits_to_keep(model):
+        logits = model(**batch, logits_to_keep=keep).logits
+        if logits.shape[1] == keep:
+            return logits
+    return model(**batch).logits[:, -keep:]
 
 
 def _non_empty(rows: Any) -> bool:
@@ -205,16 +273,21 @@ def _num_samples(model: nn.Module, num_samples: Optional[int]) -> int:
 def _letter_probs(
     model: nn.Module, batch: dict, last: torch.Tensor, letter_ids: torch.Tensor, mask: torch.Tensor, samples: int
 ) -> torch.Tensor:
-    tuner = abmll_tuner(model)
-    sample_mode = tuner is not None and (samples > 1 or _predictive_sample(tuner))
     total = torch.zeros(mask.shape)
-    for s in range(samples):
-        scope = tuner.posterior_sample(s) if tuner is not None and sample_mode else contextlib.nullcontext()
-        with scope:
+    for draw in _posterior_draws(model, samples):
+        with draw:
             logits = _logits_at(model, batch, last)
         rows = logits[:, letter_ids.to(logits.device)].float().cpu()
         total += torch.softmax(rows.masked_fill(~mask, float("-inf")), dim=-1)
     return total / samples
+
+
+def _posterior_draws(model: nn.Module, samples: int) -> Iterator[contextlib.AbstractContextManager]:
+    """One context per prediction pass: seeded posterior sample ``s`` (ABMLL, S > 1 or sample mode), else none."""
+    tuner = abmll_tuner(model)
+    sample_mode = tuner is not None and (samples > 1 or _predictive_sample(tuner))
+    for s in range(samples):
+        yield tuner.posterior_sample(s) if tuner is not None and sample_mode else contextlib.nullcontext()
 
 
 def _logits_at(model: nn.Module, batch: dict, last: torch.Tensor) -> torch.Tensor:
@@ -270,6 +343,7 @@ def evaluate_tasks(
     optimizer: str = "adamw",
     beta: Optional[float] = None,
     num_samples: Optional[int] = None,
+    scoring: Optional[str] = None,
     max_query: Optional[int] = None,
     num_shots: int = 0,
     max_choices: int = 4,
@@ -313,6 +387,7 @@ def evaluate_tasks(
         optimizer=optimizer,
         beta=beta,
         num_samples=num_samples,
+        scoring=scoring,
         max_query=max_query,
         num_shots=num_shots,
         seed=seed,
@@ -349,6 +424,7 @@ def _evaluate_task(
     optimizer: str,
     beta: Optional[float],
     num_samples: Optional[int],
+    scoring: Optional[str],
     max_query: Optional[int],
     num_shots: int,
     seed: int,
@@ -374,7 +450,14 @@ def _evaluate_task(
                 task=task,
             )
         probs = predict_proba(
-            model, query, encoder=encoder, num_samples=num_samples, shots=support, num_shots=num_shots, seed=seed + t
+            model,
+            query,
+            encoder=encoder,
+            num_samples=num_samples,
+            scoring=scoring,
+            shots=support,
+            num_shots=num_shots,
+            seed=seed + t,
         )
     return t, task, probs.cpu(), torch.tensor([e["label"] for e in query])
 

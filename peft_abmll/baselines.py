@@ -25,7 +25,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import Trainer
 
-from .data import EpisodeDataset, TaskEncoder, prepare_tasks, seeded_torch_rng, unwrap_episode
+from .data import EpisodeDataset, prepare_tasks, seeded_torch_rng, unwrap_episode
 from .meta.arguments import MetaTrainingArguments
 from .meta.trainer import MetaTrainer, _data_seed
 from .tuner.config import ABMLLConfig
@@ -87,7 +87,7 @@ class MultiTaskTrainer(Trainer):
         blocked: bool = False,
         **kwargs: Any,
     ) -> None:
-        encoder = TaskEncoder(processing_class, max_length=args.max_length)
+        encoder = args.task_encoder(processing_class)
         episodes = EpisodeDataset(
             prepare_tasks(train_dataset, args.max_choices),
             encoder,

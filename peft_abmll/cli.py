@@ -84,6 +84,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=None, help="Posterior samples averaged when predicting.")
     p.add_argument("--max-query", type=int, default=None, help="Cap on predicted (query) examples per task.")
     p.add_argument("--num-shots", type=int, default=0, help="Solved in-context examples in front of each prompt.")
+    p.add_argument(
+        "--answer-format",
+        default="letter",
+        choices=["letter", "option"],
+        help="What is trained and scored: the option letter (the paper's) or the option's own text.",
+    )
 
 
 def _training(p: argparse.ArgumentParser) -> None:
@@ -222,6 +228,7 @@ def meta_args(args: argparse.Namespace, output_dir: Path, **overrides: Any) -> M
         eval_num_samples=args.num_samples,
         eval_max_query=args.max_query,
         num_shots=args.num_shots,
+        answer_format=args.answer_format,
         save_strategy="no",
         logging_steps=5,
         bf16=args.dtype == "bfloat16",
@@ -373,10 +380,10 @@ def _load_adapted_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _evaluate(model: Any, tokenizer: Any, args: argparse.Namespace, tasks: Any, out: Path) -> dict[str, Any]:
     from .adaptation import evaluate_tasks
-    from .data import TaskEncoder
 
-    encoder = TaskEncoder(tokenizer, max_length=args.max_length)
-    kwargs = meta_args(args, out).evaluation_kwargs()
+    margs = meta_args(args, out)
+    encoder = margs.task_encoder(tokenizer)
+    kwargs = margs.evaluation_kwargs()
     if not hasattr(args, "inner_lr"):  # `abmll evaluate` trains nothing: default to the adapter's recorded rate
         kwargs["lr"] = args.adapt_lr
     return evaluate_tasks(model, tasks, encoder=encoder, output_dir=out, name="evaluate", **kwargs)

@@ -25,6 +25,10 @@ REQUIRED_COLUMNS = ("task", "question", "choices", "label")
 TaskData = Union[Dataset, Sequence[Mapping[str, Any]], Mapping[str, Any]]
 
 
+class LetterCollisionError(ValueError):
+    """Two option letters share their first token under this tokenizer: letter scoring cannot be used."""
+
+
 # ----------------------------------------------------------------------------------------------- tasks
 def prepare_tasks(data: TaskData, max_choices: int = 4) -> dict[str, list[dict[str, Any]]]:
     """Validate task-format data and group it by task.
@@ -129,15 +133,22 @@ def format_question(example: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_answer(example: Mapping[str, Any]) -> str:
-    """The target text, e.g. ``"B)"``."""
+ANSWER_FORMATS = ("letter", "option")
+
+
+def format_answer(example: Mapping[str, Any], answer_format: str = "letter") -> str:
+    """The target text: the option letter (``"B)"``, the paper's) or the option's own text (``"option"``)."""
+    if answer_format == "option":
+        return str(example["choices"][example["label"]])
     return f"{LABELS[example['label']]})"
 
 
-def format_prompt(example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = ()) -> str:
+def format_prompt(
+    example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = (), answer_format: str = "letter"
+) -> str:
     """The paper's prompt, with solved in-context examples (`shots`) from the same task in front."""
     blocks = [INSTRUCTION]
-    blocks += [f"{format_question(s)}\nAnswer: {format_answer(s)}" for s in shots]
+    blocks += [f"{format_question(s)}\nAnswer: {format_answer(s, answer_format)}" for s in shots]
     blocks.append(f"{format_question(example)}\nAnswer:")
     return "\n\n".join(blocks)
 
@@ -151,13 +162,19 @@ class TaskEncoder:
         max_length: longest sequence; the prompt is cut from the left (in-context examples and
             context go first), the answer never.
         use_chat_template: wrap the prompt as a user turn; ``None`` = when the tokenizer has one.
+        answer_format: what the model is trained to answer and scored on: ``"letter"`` (the paper's: the
+            option label, e.g. ``B)``, scored by the letters' next-token probabilities) or ``"option"`` (the
+            option's own text, scored by each option's mean token log-likelihood).
     """
 
     tokenizer: Any
     max_length: int = 512
     use_chat_template: Optional[bool] = None
+    answer_format: str = "letter"
 
     def __post_init__(self) -> None:
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format={self.answer_format!r}; choose one of {ANSWER_FORMATS}.")
         if self.use_chat_template is None:
             self.use_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         if self.tokenizer.pad_token_id is None:
@@ -168,7 +185,7 @@ class TaskEncoder:
             self.pad_token_id = self.tokenizer.pad_token_id
 
     def prompt_ids(self, example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = ()) -> list[int]:
-        text = format_prompt(example, shots)
+        text = format_prompt(example, shots, self.answer_format)
         if self.use_chat_template:
             return list(
                 self.tokenizer.apply_chat_template(
@@ -177,20 +194,38 @@ class TaskEncoder:
             )
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
-    def answer_ids(self, example: Mapping[str, Any]) -> list[int]:
-        text = format_answer(example) if self.use_chat_template else " " + format_answer(example)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def label_token_ids(self, num_choices: int) -> list[int]:
-        """Token id of each option letter as the first answer token (what scoring reads)."""
-        ids = [self.answer_ids({"label": i})[0] for i in range(num_choices)]
-        if len(set(ids)) != num_choices:
-            raise ValueError("The tokenizer maps two option labels to the same first token; use option scoring.")
+    def answer_ids(self, example: Mapping[str, Any], answer_format: Optional[str] = None) -> list[int]:
+        """Token ids of the target (the encoder's `answer_format` unless given), never empty."""
+        text = format_answer(example, answer_format or self.answer_format)
+        ids = self.tokenizer(text if self.use_chat_template else " " + text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"The answer {text!r} encodes to no token; every option needs some text.")
         return ids
 
-    def encode(self, example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    def label_token_ids(self, num_choices: int) -> list[int]:
+        """Token id of each option letter as the first answer token (what letter scoring reads).
+
+        Raises `LetterCollisionError` when two letters share their first token (use option scoring).
+        """
+        ids = [self.answer_ids({"label": i, "choices": [""] * num_choices}, "letter")[0] for i in range(num_choices)]
+        if len(set(ids)) != num_choices:
+            raise LetterCollisionError(
+                "The tokenizer maps two option labels to the same first token, so letter scoring cannot tell them "
+                "apart; use option scoring (scoring='option', or answer_format='option' to train for it)."
+            )
+        return ids
+
+    def encode_option(
+        self, example: Mapping[str, Any], choice: int, shots: Sequence[Mapping[str, Any]] = ()
+    ) -> dict[str, Any]:
+        """`encode` with option `choice`'s own text as the answer (what option scoring reads)."""
+        return self.encode({**example, "label": choice}, shots, answer_format="option")
+
+    def encode(
+        self, example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = (), answer_format: Optional[str] = None
+    ) -> dict[str, Any]:
         """``input_ids`` and ``labels`` (-100 on the prompt), plus ``prompt_length``."""
-        answer = self.answer_ids(example)
+        answer = self.answer_ids(example, answer_format)
         prompt = self.prompt_ids(example, shots)
         budget = self.max_length - len(answer)
         while shots and len(prompt) > budget:

@@ -19,7 +19,6 @@ from torch import nn
 
 from .adaptation import evaluate_tasks
 from .baselines import train_method
-from .data import TaskEncoder
 from .meta.arguments import MetaTrainingArguments
 from .metrics import plot_reliability_diagram
 from .safety import save_pretrained_atomic
@@ -84,7 +83,7 @@ def compare_methods(
 ) -> dict[str, Any]:
     """Train each method with the same budget, evaluate all on the held-out tasks, write JSON and a diagram."""
     out = Path(output_dir or args.output_dir or "trainer_output")
-    encoder = TaskEncoder(tokenizer, max_length=args.max_length)
+    encoder = args.task_encoder(tokenizer)
     results: dict[str, Any] = {"methods": {}, "settings": _settings(args, abmll_config)}
     curves = {}
     for method in methods:

@@ -11,6 +11,8 @@ from typing import Any, Literal, Optional, Union
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
+from ..data import ANSWER_FORMATS, TaskEncoder
+
 logger = logging.getLogger(__name__)
 
 META_ALGORITHMS = ("abmll", "reptile")
@@ -97,6 +99,14 @@ class MetaTrainingArguments(TrainingArguments):
     num_shots: int = field(
         default=0, metadata={"help": "Solved in-context examples from the same task in front of each prompt."}
     )
+    answer_format: Literal["letter", "option"] = field(
+        default="letter",
+        metadata={
+            "help": "What is trained and scored: 'letter' (the paper's: the option label, e.g. 'B)', scored by the "
+            "letters' next-token probabilities) or 'option' (the option's own text, scored by its mean token "
+            "log-likelihood; what small models learn from)."
+        },
+    )
     max_length: int = field(default=512, metadata={"help": "Maximum tokens per example (the answer is never cut)."})
     max_choices: int = field(default=4, metadata={"help": "Examples with more options are dropped (paper: 4)."})
     adaptation_steps: int = field(
@@ -142,6 +152,10 @@ class MetaTrainingArguments(TrainingArguments):
         """Whether the global update is an interpolation with step ``outer_step_size`` (natural or Reptile)."""
         return self.meta_algorithm == "reptile" or self.global_update == "natural"
 
+    def task_encoder(self, tokenizer: Any) -> TaskEncoder:
+        """The `TaskEncoder` of these arguments (``max_length``, ``answer_format``)."""
+        return TaskEncoder(tokenizer, max_length=self.max_length, answer_format=self.answer_format)
+
     def evaluation_kwargs(self) -> dict[str, Any]:
         """The `peft_abmll.evaluate_tasks` settings of the held-out-task protocol these arguments describe."""
         return {
@@ -165,6 +179,8 @@ class MetaTrainingArguments(TrainingArguments):
     def _validate_meta(self) -> None:
         if self.meta_algorithm not in META_ALGORITHMS:
             raise ValueError(f"meta_algorithm={self.meta_algorithm!r}; choose one of {META_ALGORITHMS}.")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format={self.answer_format!r}; choose one of {ANSWER_FORMATS}.")
         if self.global_update not in GLOBAL_UPDATES:
             raise ValueError(f"global_update={self.global_update!r}; choose one of {GLOBAL_UPDATES}.")
         if not (math.isfinite(self.outer_step_size) and 0 < self.outer_step_size <= 1):

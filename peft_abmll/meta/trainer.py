@@ -27,7 +27,7 @@ from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from transformers import Trainer
 
-from ..data import EpisodeDataset, EpisodeSampler, TaskEncoder, prepare_tasks, seeded_torch_rng, unwrap_episode
+from ..data import EpisodeDataset, EpisodeSampler, prepare_tasks, seeded_torch_rng, unwrap_episode
 from .algorithms import ABMLLView, NonFiniteLossError, ReptileView, inner_loop, linear_surrogate, query_gradients
 from .arguments import MetaTrainingArguments
 from .safety import CheckpointSafetyMixin
@@ -76,7 +76,7 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
             raise TypeError("MetaTrainer needs MetaTrainingArguments (a TrainingArguments subclass) as `args`.")
         if processing_class is None:
             raise ValueError("MetaTrainer needs the tokenizer as `processing_class=` to encode the tasks.")
-        self.encoder = TaskEncoder(processing_class, max_length=args.max_length)
+        self.encoder = args.task_encoder(processing_class)
         episodes = None
         if train_dataset is not None:
             tasks = prepare_tasks(train_dataset, args.max_choices)

@@ -1,0 +1,115 @@
+"""Option scoring: each option's mean token log-likelihood, checked against a plain per-option forward."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from _tasks import WORDS, task_family, tiny_lm
+from peft import get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import peft_abmll
+from peft_abmll import ABMLLConfig, MetaTrainingArguments, TaskEncoder
+from peft_abmll.data import LetterCollisionError, seeded_torch_rng
+
+EXAMPLES = [
+    {"question": "cat is", "choices": ["red", "blue green", "white black red"], "label": 1, "context": ""},
+    {"question": "dog is", "choices": ["yes", "no"], "label": 0, "context": "the sun"},
+    {"question": "fish is", "choices": ["one two", "three", "four five", "x"], "label": 3, "context": ""},
+]
+
+
+def _model(tok):
+    with seeded_torch_rng(0):
+        return get_peft_model(tiny_lm(tok), ABMLLConfig(init_weights=False, init_std=0.05))
+
+
+def _reference(model, enc: TaskEncoder, example: dict) -> torch.Tensor:
+    """One unpadded forward per option with full logits: softmax over mean answer-token log-probabilities."""
+    scores = []
+    for j in range(len(example["choices"])):
+        encoded = enc.encode_option(example, j)
+        ids = torch.tensor([encoded["input_ids"]])
+        start = encoded["prompt_length"]
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        answer = ids[0, start:]
+        scores.append(log_probs[start - 1 : ids.shape[1] - 1].gather(-1, answer[:, None]).mean())
+    return torch.softmax(torch.stack(scores), dim=-1)
+
+
+@pytest.mark.parametrize("logits_to_keep", [True, False])
+def test_option_scoring_matches_a_plain_forward_per_option(tok, logits_to_keep, monkeypatch) -> None:
+    from peft_abmll import adaptation
+
+    if not logits_to_keep:
+        monkeypatch.setattr(adaptation, "_takes_logits_to_keep", lambda model: False)
+    model = _model(tok).eval()
+    enc = TaskEncoder(tok, answer_format="option")
+    probs = peft_abmll.predict_proba(model, EXAMPLES, encoder=enc)
+    assert probs.shape == (3, 4)
+    for i, example in enumerate(EXAMPLES):
+        k = len(example["choices"])
+        with torch.no_grad():
+            torch.testing.assert_close(probs[i, :k], _reference(model, enc, example), rtol=1e-5, atol=1e-6)
+        assert (probs[i, k:] == 0).all()
+    letters = peft_abmll.predict_proba(model, EXAMPLES, encoder=enc, scoring="letter")
+    assert not torch.allclose(letters, probs)  # a different score of the same model
+
+
+def test_option_scoring_averages_posterior_samples(tok) -> None:
+    model = _model(tok)
+    enc = TaskEncoder(tok, answer_format="option")
+    mean = peft_abmll.predict_proba(model, EXAMPLES, encoder=enc)
+    many = peft_abmll.predict_proba(model, EXAMPLES, encoder=enc, num_samples=4)
+    singles = []
+    for s in range(4):
+        with model.base_model.posterior_sample(s):
+            singles.append(peft_abmll.predict_proba(model, EXAMPLES, encoder=enc, num_samples=1))
+    torch.testing.assert_close(many, torch.stack(singles).mean(0))
+    assert not torch.allclose(many, mean, atol=1e-5)
+
+
+def test_option_format_trains_on_the_option_text(tok) -> None:
+    enc = MetaTrainingArguments(output_dir="/tmp/unused", report_to=[], answer_format="option").task_encoder(tok)
+    encoded = enc.encode(EXAMPLES[0])
+    answer = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != -100]
+    assert tok.decode(answer).split() == ["blue", "green"]
+    assert tok.decode(TaskEncoder(tok).answer_ids(EXAMPLES[0])).replace(" ", "") == "B)"
+
+
+def test_colliding_letters_fall_back_to_option_scoring_with_a_message(caplog) -> None:
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
+    for token in [*"abcdefghijklmnopqrstuvwxyz0123456789.,:;!?()", *WORDS]:  # no capital letters: A and B are [UNK]
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+    with pytest.raises(LetterCollisionError, match="option scoring"):
+        TaskEncoder(tok).label_token_ids(3)
+    model = _model(tok)
+    with caplog.at_level(logging.WARNING, logger="peft_abmll"):
+        probs = peft_abmll.predict_proba(model, EXAMPLES, tokenizer=tok)
+    assert "Scoring by option log-likelihood instead" in caplog.text
+    torch.testing.assert_close(probs, peft_abmll.predict_proba(model, EXAMPLES, tokenizer=tok, scoring="option"))
+
+
+def test_evaluate_tasks_scores_with_the_encoders_format(tok) -> None:
+    family = task_family(num_tasks=2, per_task=14, seed=0)
+    model = _model(tok)
+    common = dict(lr=1e-2, max_query=4, support_batches=2)
+    by_option = peft_abmll.evaluate_tasks(model, family, encoder=TaskEncoder(tok, answer_format="option"), **common)
+    explicit = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, scoring="option", **common)
+    by_letter = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, **common)
+    assert by_option["pooled"]["nll"] != pytest.approx(by_letter["pooled"]["nll"], rel=1e-4)
+    # the same scores, but trained on the format's own answer: the 2-step adaptations differ
+    assert explicit["pooled"]["nll"] != pytest.approx(by_letter["pooled"]["nll"], rel=1e-4)
+
+
+def test_bad_scoring_is_refused(tok) -> None:
+    with pytest.raises(ValueError, match="scoring='words'"):
+        peft_abmll.predict_proba(_model(tok), EXAMPLES, tokenizer=tok, scoring="words")
+    with pytest.raises(ValueError, match="answer_format"):
+        TaskEncoder(tok, answer_format="words")
