@@ -38,7 +38,7 @@ from peft_abmll.baselines import METHODS, train_method
 from peft_abmll.cli import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from peft_abmll.experiment import load_causal_lm, resolve_tasks
 from peft_abmll.meta.arguments import DEFAULT_INNER_LR, MetaTrainingArguments
-from peft_abmll.metrics import accuracy, bootstrap_interval, expected_calibration_error, negative_log_likelihood
+from peft_abmll.metrics import METRICS, metrics_with_intervals
 from peft_abmll.tuner.config import ABMLLConfig
 from peft_abmll.tuner.layer import ABMLLLayer
 
@@ -240,30 +240,32 @@ def summarise(records: list[dict[str, Any]], markdown: bool = False) -> str:
     )
 
 
-def interval_summary(records: list[dict[str, Any]], reference: str = "pretrained", n_resamples: int = 1000) -> str:
-    """Pooled metrics over every seed's query examples with 95 % bootstrap intervals, and paired differences.
+def interval_summary(
+    records: list[dict[str, Any]], reference: str = "pretrained", n_resamples: int = 1000, kind: str = "pooled"
+) -> str:
+    """Metrics over every seed's query examples with 95 % bootstrap intervals, and paired differences.
 
-    Examples are resampled within (seed, task) groups. The paired difference to `reference` uses the same
-    seeds' records: their query examples are the same (the split depends on the seed alone), so each
-    configuration is compared with the reference example by example. Records without per-example
-    probabilities (older runs) are left out.
+    `kind` ``"pooled"`` computes each metric on all examples together, ``"macro"`` averages it over the
+    (seed, task) groups. Examples are resampled within (seed, task) groups. The paired difference to
+    `reference` uses the same seeds' records: their query examples are the same (the split depends on the
+    seed alone), so each configuration is compared with the reference example by example. Records without
+    per-example probabilities (older runs) are left out.
     """
-    metrics = {"accuracy": accuracy, "NLL": negative_log_likelihood, "ECE": expected_calibration_error}
     rows = [r for r in records if "probs" in r and not r["prune"]]
     pooled = {name: _pooled([r for r in rows if r["name"] == name]) for name in dict.fromkeys(r["name"] for r in rows)}
-    header = ["configuration", "seeds", "n", *metrics, *(f"Δ {k} vs {reference}" for k in metrics)]
+    names = list(METRICS)
+    header = ["configuration", "seeds", "n", *names, *(f"Δ {k} vs {reference}" for k in names)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ref = pooled.get(reference)
     for name, (probs, labels, groups, seeds) in pooled.items():
         cells = [name, str(len(seeds)), str(len(labels))]
-        for metric in metrics.values():
-            cells.append(_interval(bootstrap_interval(metric, probs, labels, groups, n_resamples=n_resamples)))
-        ref = pooled.get(reference)
+        stats = metrics_with_intervals(probs, labels, groups, n_resamples=n_resamples)[kind]
+        cells += [_interval(stats[k]) for k in names]
         if ref is not None and name != reference and seeds == ref[3]:
-            for metric in metrics.values():
-                diff = bootstrap_interval(metric, probs, labels, groups, other=ref[0], n_resamples=n_resamples)
-                cells.append(_interval(diff, signed=True))
+            diffs = metrics_with_intervals(probs, labels, groups, other=ref[0], n_resamples=n_resamples)[kind]
+            cells += [_interval(diffs[k], signed=True) for k in names]
         else:
-            cells.extend(["–"] * len(metrics))
+            cells += ["–"] * len(names)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -360,8 +362,9 @@ def main() -> None:
             out.write_text(json.dumps({"records": records, "settings": vars(args)}, indent=2))
     wanted = {name for job in jobs for name in record_names(job)}
     print(summarise([r for r in records if r["name"] in wanted], markdown=args.markdown))
-    print("\nPooled over seeds, 95 % bootstrap intervals (examples resampled within seed x task):")
-    print(interval_summary([r for r in records if r["name"] in wanted]))
+    for kind in ("pooled", "macro"):
+        print(f"\n{kind.capitalize()} over seeds and tasks, 95 % bootstrap intervals (resampled within seed x task):")
+        print(interval_summary([r for r in records if r["name"] in wanted], kind=kind))
     print(f"\nwrote {out}")
     if args.prune:
         png = plot_pruning([r for r in records if r["name"] in wanted], out.with_suffix(".png"))

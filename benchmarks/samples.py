@@ -29,10 +29,11 @@ from peft import get_peft_model
 from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, TaskEncoder
 from peft_abmll.adaptation import evaluate_tasks
 from peft_abmll.data import seeded_torch_rng
-from peft_abmll.metrics import accuracy, bootstrap_interval, expected_calibration_error, negative_log_likelihood
+from peft_abmll.metrics import METRICS as ALL_METRICS
+from peft_abmll.metrics import bootstrap_interval
 from peft_abmll.synthetic import best_probabilities, task_family, tiny_lm, tiny_tokenizer
 
-METRICS = {"accuracy": accuracy, "nll": negative_log_likelihood, "ece": expected_calibration_error}
+METRICS = {key: ALL_METRICS[key] for key in ("accuracy", "nll", "ece")}
 
 
 def meta_train(tokenizer: Any, beta: float, seed: int, args: argparse.Namespace) -> Any:

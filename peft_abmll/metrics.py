@@ -71,6 +71,7 @@ def bootstrap_interval(
     groups: Optional[Sequence[int]] = None,
     *,
     other: Optional[torch.Tensor] = None,
+    macro: bool = False,
     n_resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
@@ -78,8 +79,10 @@ def bootstrap_interval(
     """Percentile-bootstrap interval of ``metric(probs, labels)``, or of a paired difference.
 
     Examples are resampled with replacement *within* each group (task), so every resample keeps the tasks'
-    sizes. With `other` (a second method's ``(n, C)`` probabilities on the same examples) the statistic is
-    the paired difference ``metric(probs) - metric(other)``, resampled jointly.
+    sizes. ``macro=True``: the statistic is the mean over groups of the metric within each group (the macro
+    average over tasks) instead of the metric on all examples pooled. With `other` (a second method's
+    ``(n, C)`` probabilities on the same examples) the statistic is the paired difference
+    ``metric(probs) - metric(other)``, resampled jointly.
 
     Returns:
         ``{"value", "low", "high", "n"}``: the statistic on all examples, the interval bounds, the example count.
@@ -88,18 +91,55 @@ def bootstrap_interval(
     members = [torch.nonzero(groups_t == g).flatten() for g in torch.unique(groups_t)]
     generator = torch.Generator().manual_seed(seed)
 
-    def statistic(index: torch.Tensor) -> float:
-        value = metric(probs[index], labels[index])
-        return value - metric(other[index], labels[index]) if other is not None else value
+    def value(p: torch.Tensor, parts: list[torch.Tensor]) -> float:
+        if macro:
+            return sum(metric(p[i], labels[i]) for i in parts) / len(parts)
+        index = torch.cat(parts)
+        return metric(p[index], labels[index])
+
+    def statistic(parts: list[torch.Tensor]) -> float:
+        return value(probs, parts) - (value(other, parts) if other is not None else 0.0)
 
     draws = []
     for _ in range(n_resamples):
-        index = torch.cat([m[torch.randint(len(m), (len(m),), generator=generator)] for m in members])
-        draws.append(statistic(index))
+        draws.append(statistic([m[torch.randint(len(m), (len(m),), generator=generator)] for m in members]))
     ordered = torch.tensor(draws, dtype=torch.float64)
     tail = (1.0 - level) / 2
     low, high = torch.quantile(ordered, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
-    return {"value": statistic(torch.arange(len(labels))), "low": low, "high": high, "n": len(labels)}
+    return {"value": statistic(members), "low": low, "high": high, "n": len(labels)}
+
+
+METRICS: dict[str, Metric] = {
+    "accuracy": accuracy,
+    "nll": negative_log_likelihood,
+    "brier": brier_score,
+    "ece": expected_calibration_error,
+}
+
+
+def metrics_with_intervals(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    groups: Sequence[int],
+    *,
+    other: Optional[torch.Tensor] = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Every metric pooled and macro over groups, each with its bootstrap interval (see `bootstrap_interval`).
+
+    Returns:
+        ``{"pooled": {metric: interval}, "macro": {metric: interval}}``; with `other`, paired differences.
+    """
+    return {
+        kind: {
+            name: bootstrap_interval(
+                metric, probs, labels, groups, other=other, macro=kind == "macro", n_resamples=n_resamples, seed=seed
+            )
+            for name, metric in METRICS.items()
+        }
+        for kind in ("pooled", "macro")
+    }
 
 
 def plot_reliability_diagram(

@@ -106,6 +106,7 @@ def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch
         max_length=64,
         max_query=2,
         lora_lr=None,
+        answer_format="letter",
     )
     job = {"name": "abmll-outer_step_size=0.1", "method": "abmll", "config": {}, "args": {"outer_step_size": 0.1}}
     with pytest.raises(RuntimeError, match="stop"):
@@ -138,7 +139,7 @@ def test_interval_table_pairs_configurations_on_the_same_examples() -> None:
     }
     cells = rows["abmll"].strip("| ").split(" | ")
     assert cells[1:3] == ["2", "80"]  # seeds, examples behind every number
-    delta_accuracy = cells[6]
+    delta_accuracy = cells[7]
     value, low, high = (float(x) for x in delta_accuracy.replace("[", "").replace("]", "").replace(",", "").split())
     assert 0 < low <= value <= high
-    assert rows["pretrained"].count("–") == 3  # no difference to itself
+    assert rows["pretrained"].count("–") == 4  # no difference to itself
