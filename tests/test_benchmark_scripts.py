@@ -143,3 +143,28 @@ def test_interval_table_pairs_configurations_on_the_same_examples() -> None:
     value, low, high = (float(x) for x in delta_accuracy.replace("[", "").replace("]", "").replace(",", "").split())
     assert 0 < low <= value <= high
     assert rows["pretrained"].count("–") == 4  # no difference to itself
+
+
+def _load_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_screen_separates_a_learnable_task_from_zero_shot(tok, tmp_path) -> None:
+    """A generated task whose answer is always the first option: the oracle learns it, zero-shot does not."""
+    from _tasks import task_family, tiny_lm
+
+    screen = _load_script("screen")
+    rows = [dict(r) for r in task_family(num_tasks=1, per_task=160, seed=3)]
+    args = screen.main.__globals__["argparse"].Namespace(
+        eval=60, train=100, steps=60, inner_steps=5, batch=2, lr=1e-2, max_length=64, seed=0, work_dir=str(tmp_path)
+    )
+    result = screen.screen_task("t0", rows, "letter", lambda: tiny_lm(tok), tok, args)  # always "A)"
+    assert (result["n_eval"], result["n_train"]) == (60, 100)
+    assert result["oracle"]["accuracy"]["value"] > 0.9 > result["zero_shot"]["accuracy"]["value"]
+    assert result["passes"]
+    line = screen.table([result, {"task": "tiny", "format": "letter", "skipped": "12 examples"}])
+    assert "| t0 | letter | 60 / 100 | 0.33 |" in line and "skipped: 12 examples" in line
