@@ -100,7 +100,8 @@ def abmll_direction(
         )
         sigma = mp["sigma"]
         limit = max_relative_step * sigma.abs()
-        direction_sigma = torch.maximum(torch.minimum(direction_var / (2 * sigma), limit), -limit)
+        per_sigma = torch.nan_to_num(direction_var / (2 * sigma), nan=0.0)  # a linear sigma may be exactly 0
+        direction_sigma = torch.maximum(torch.minimum(per_sigma, limit), -limit)
         raw_per_sigma = spec.scaling if mp["dsigma"] is None else mp["dsigma"].clamp_min(1e-12)
         direction_raw = direction_sigma / raw_per_sigma
         grad_scale_B[rows] = direction_raw @ scale_A.T

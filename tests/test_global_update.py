@@ -403,3 +403,14 @@ def test_bad_global_update_settings_are_refused_with_the_fix(tmp_path):
             _args(tmp_path, outer_step_size=bad)
     with pytest.raises(ValueError, match="global_update"):
         _args(tmp_path, global_update="adam")
+
+
+def test_a_standard_deviation_of_exactly_zero_gives_a_finite_step():
+    """The linear scale's signed sigma can cross zero; an entry sitting on 0 must not poison the update."""
+    spec = ScaleSpec("linear", 1.0, 0.0)
+    global_ = _factors(4, 3, 3, 1e-3, 0, spec)
+    global_[3][0] = 0.0  # row 0 of B_scale: sigma = 0 on a whole row
+    local = [t.clone() for t in global_]
+    local[1][1:] += 0.01  # row 0 stays: there the target variance is 0 too, and the step is 0 / 0
+    direction, _ = abmll_direction(global_, local, spec, dataclasses.replace(PRIOR, weight=0.0))
+    assert all(torch.isfinite(d).all() for d in direction)
