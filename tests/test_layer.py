@@ -171,11 +171,14 @@ def test_kl_divergence_is_differentiable_for_both_posteriors(tiny_llama: nn.Modu
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
-def test_prior_b0_none_matches_the_gamma_mean_precision_to_init_std() -> None:
+def test_prior_b0_none_puts_the_gamma_mode_at_init_std() -> None:
+    """The Gamma(a0, b0) mode in precision is (a0 - 1) / b0: with b0 = (a0 - 1) init_std**2, 1 / init_std**2."""
     matched = _abmll(tiny_llama(), init_weights=False, init_std=0.05, prior_a0=2.0, prior_b0=None)
-    explicit = _abmll(tiny_llama(), init_weights=False, init_std=0.05, prior_a0=2.0, prior_b0=2.0 * 0.05**2)
-    abml = _abmll(tiny_llama(), init_weights=False, init_std=0.05, prior_a0=2.0)
-    assert matched.peft_config["default"].gamma_rate == pytest.approx(0.005)
+    explicit = _abmll(tiny_llama(), init_weights=False, init_std=0.05, prior_a0=2.0, prior_b0=1.0 * 0.05**2)
+    abml = _abmll(tiny_llama(), init_weights=False, init_std=0.05, prior_a0=2.0, prior_b0=0.01)
+    config = matched.peft_config["default"]
+    assert config.gamma_rate == pytest.approx(0.0025)
+    assert (config.prior_a0 - 1) / config.gamma_rate == pytest.approx(1 / 0.05**2)
     torch.testing.assert_close(matched.log_prior(), explicit.log_prior())
     assert not torch.isclose(matched.log_prior(), abml.log_prior())  # ABML's b0 = 0.01 is another prior
 
