@@ -37,7 +37,7 @@ class MetaTrainingArguments(TrainingArguments):
     and a non-zero value is refused with a warning), and its step size follows ``lr_scheduler_type``
     (the default ``"linear"`` anneals it to 0, as Reptile does). ``learning_rate`` is then only the step
     size of the optional first-order query term. ``global_update="gradient"`` is the paper read literally:
-    AdamW at ``learning_rate`` on ``beta * (KL - log p(global))``, with the Trainer's clipping.
+    AdamW at ``learning_rate`` on ``beta * (KL - log p(global))`` (clipped when ``max_grad_norm`` > 0).
     """
 
     meta_algorithm: Literal["abmll", "reptile"] = field(
