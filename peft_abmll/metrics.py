@@ -79,7 +79,9 @@ def bootstrap_interval(
     """Percentile-bootstrap interval of ``metric(probs, labels)``, or of a paired difference.
 
     Examples are resampled with replacement *within* each group (task), so every resample keeps the tasks'
-    sizes. ``macro=True``: the statistic is the mean over groups of the metric within each group (the macro
+    sizes. The percentile interval is shifted by the bootstrap's estimate of the statistic's bias (the mean of
+    the resampled values minus the value): ECE on a resample with repeated examples is biased upward, and the
+    plain percentile interval of a macro ECE over small tasks can lie wholly above the measured value. ``macro=True``: the statistic is the mean over groups of the metric within each group (the macro
     average over tasks) instead of the metric on all examples pooled. With `other` (a second method's
     ``(n, C)`` probabilities on the same examples) the statistic is the paired difference
     ``metric(probs) - metric(other)``, resampled jointly.
@@ -106,7 +108,9 @@ def bootstrap_interval(
     ordered = torch.tensor(draws, dtype=torch.float64)
     tail = (1.0 - level) / 2
     low, high = torch.quantile(ordered, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
-    return {"value": statistic(members), "low": low, "high": high, "n": len(labels)}
+    observed = statistic(members)
+    bias = ordered.mean().item() - observed
+    return {"value": observed, "low": low - bias, "high": high - bias, "n": len(labels)}
 
 
 METRICS: dict[str, Metric] = {

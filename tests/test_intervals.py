@@ -68,3 +68,11 @@ def test_paired_interval_is_narrower_than_the_unpaired_one() -> None:
     alone = metrics.bootstrap_interval(metrics.negative_log_likelihood, better, labels, n_resamples=300)
     assert paired["high"] < 0  # better on every example: the interval excludes 0
     assert paired["high"] - paired["low"] < 0.5 * (alone["high"] - alone["low"])
+
+
+def test_ece_interval_is_corrected_for_the_resampling_bias() -> None:
+    """Macro ECE over small tasks: resampling with repeats inflates ECE; the interval still brackets the value."""
+    probs, labels = _calibrated(150, 5)
+    groups = [i // 30 for i in range(150)]  # five tasks of 30
+    ci = metrics.bootstrap_interval(metrics.expected_calibration_error, probs, labels, groups, macro=True)
+    assert ci["low"] <= ci["value"] <= ci["high"]
