@@ -10,7 +10,7 @@ Prints a table and writes JSON (default ``benchmarks/results/cost.json``).
 Measured per configuration:
 - ``step``: one training step — LoRA: forward + backward + AdamW; ABMLL: one inner step (sampled forward,
   NLL + beta * KL, gradients of the local pairs, AdamW);
-- ``episode``: ABMLL's K = 5 inner steps + the global update, against 5 LoRA steps;
+- ``episode``: ABMLL's K = 5 inner steps + the (natural) global update, against 5 LoRA steps;
 - ``peak_rss`` and ``train_rss`` (peak minus the resident size right after loading the model);
 - ``infer``: an eval forward of the adapted model (ABMLL mean mode) against the bare base model;
 - ``samples_S``: an eval forward with S posterior samples (ABMLL ``posterior_sample``) against mean mode.
@@ -112,7 +112,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         config = peft_abmll.ABMLLConfig(r=8, lora_alpha=16, target_modules=targets, sampling=method.split("-")[1])
         model = get_peft_model(base, config)
         view = ABMLLView(model)
-        outer = torch.optim.AdamW(view.global_params(), lr=1e-4)
+        outer = torch.optim.SGD(view.global_params(), lr=1.0)  # the MetaTrainer's natural global step
         model.train()
 
         def inner(steps: int, fresh: bool) -> None:
@@ -122,8 +122,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         def episode() -> None:
             view.reset()
             inner(k, fresh=True)
-            loss, _ = view.outer_loss()
-            loss.backward()
+            directions, _ = view.outer_direction()
+            for param, direction in zip(view.global_params(), directions):
+                param.grad = direction
             outer.step()
             outer.zero_grad(set_to_none=True)
 
