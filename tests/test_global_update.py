@@ -414,3 +414,22 @@ def test_a_standard_deviation_of_exactly_zero_gives_a_finite_step():
     local[1][1:] += 0.01  # row 0 stays: there the target variance is 0 too, and the step is 0 / 0
     direction, _ = abmll_direction(global_, local, spec, dataclasses.replace(PRIOR, weight=0.0))
     assert all(torch.isfinite(d).all() for d in direction)
+
+
+def test_a_non_finite_global_step_is_refused_before_it_reaches_the_adapter(tok, shared_rule, tmp_path):
+    from peft_abmll.meta.algorithms import NonFiniteLossError
+
+    trainer = MetaTrainer(model=_abmll(tok), args=_args(tmp_path), train_dataset=shared_rule, processing_class=tok)
+    trainer.create_optimizer_and_scheduler(num_training_steps=3)
+    before = _snapshot(trainer.view.global_params())
+    real = trainer.view.outer_direction
+
+    def poisoned():
+        directions, logs = real()
+        directions[0] = torch.full_like(directions[0], float("nan"))
+        return directions, logs
+
+    trainer.view.outer_direction = poisoned
+    with pytest.raises(NonFiniteLossError, match="global-update"):
+        trainer.training_step(trainer.model, trainer.train_dataset[0])
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.view.global_params()))
