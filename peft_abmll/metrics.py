@@ -81,7 +81,8 @@ def bootstrap_interval(
     Examples are resampled with replacement *within* each group (task), so every resample keeps the tasks'
     sizes. The percentile interval is shifted by the bootstrap's estimate of the statistic's bias (the mean of
     the resampled values minus the value): ECE on a resample with repeated examples is biased upward, and the
-    plain percentile interval of a macro ECE over small tasks can lie wholly above the measured value. ``macro=True``: the statistic is the mean over groups of the metric within each group (the macro
+    plain percentile interval of a macro ECE over small tasks can lie wholly above the measured value.
+    ``macro=True``: the statistic is the mean over groups of the metric within each group (the macro
     average over tasks) instead of the metric on all examples pooled. With `other` (a second method's
     ``(n, C)`` probabilities on the same examples) the statistic is the paired difference
     ``metric(probs) - metric(other)``, resampled jointly.
