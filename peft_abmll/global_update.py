@@ -36,7 +36,17 @@ from .fused import ScaleSpec, _block_moments, _blocks, _Moments, _prescaled
 
 __all__ = ["GlobalUpdateStats", "HyperPrior", "abmll_direction", "reptile_direction"]
 
-STAT_KEYS = ("entries", "kl", "neg_log_prior", "global_var", "target_var", "spread", "global_mean_sq")
+STAT_KEYS = (
+    "entries",
+    "kl",
+    "neg_log_prior",
+    "global_var",
+    "target_var",
+    "spread",
+    "global_mean_sq",
+    "var_step_kl",
+    "var_step_prior",
+)
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,9 @@ def _add_stats(stats: GlobalUpdateStats, mp: _Moments, mq: _Moments, diff: torch
     stats["target_var"] += float((mq["var"] + diff.square()).sum())
     stats["spread"] += float(diff.square().sum())
     stats["global_mean_sq"] += float(mp["mean"].square().sum())
+    # the two parts of the variance step (variance units): the KL's pull and the hyperprior's
+    stats["var_step_kl"] += float((mp["var"] - mq["var"] - diff.square()).abs().sum())
+    stats["var_step_prior"] += float((2 * prior.weight * ((prior.a0 - 1) * mp["var"] - prior.b0)).abs().sum())
 
 
 def _solve_right(A: torch.Tensor, G: torch.Tensor, damping: float) -> torch.Tensor:

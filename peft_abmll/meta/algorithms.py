@@ -109,8 +109,9 @@ class ABMLLView:
         """The natural-gradient global step (`peft_abmll.global_update.abmll_direction`) for every layer.
 
         Returns the directions in the order of `global_params` and per-entry logs: the outer KL and the
-        weighted ``-log p(global)`` per adapted entry, and the RMS of the global mean, of the global std, of
-        the std the step aims at and of the adapted means' distance to the global mean.
+        weighted ``-log p(global)`` per adapted entry, the RMS of the global mean, of the global std, of
+        the std the step aims at and of the adapted means' distance to the global mean, and the mean size of
+        the KL's and of the hyperprior's parts of the variance step (which one drives the width).
         """
         self.tuner.set_trainable_posterior("global")
         directions: list[torch.Tensor] = []
@@ -137,6 +138,9 @@ class ABMLLView:
             "global_std_rms": math.sqrt(totals["global_var"] / n),
             "target_std_rms": math.sqrt(totals["target_var"] / n),
             "spread_rms": math.sqrt(totals["spread"] / n),
+            # which term drives the width: mean |part of the variance step| per entry, in variance units
+            "var_step_kl_per_entry": totals["var_step_kl"] / n,
+            "var_step_hyperprior_per_entry": totals["var_step_prior"] / n,
         }
         return directions, logs
 
