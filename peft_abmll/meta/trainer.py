@@ -237,30 +237,23 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
         return (loss, None) if return_outputs else loss
 
     def _outer_objective(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """A scalar whose gradient on the global parameters is the update direction (its value is 0).
+        """A scalar whose gradient on the global parameters is the update direction.
 
-        Natural / Reptile: the direction of `view.outer_direction` (the optimizer is SGD at ``eps``), plus
-        the first-order query gradient scaled by ``learning_rate / eps``. ``"gradient"``: the paper's loss.
+        Natural / Reptile: the direction of `view.outer_direction` (the optimizer is SGD at ``eps``, the value
+        is 0), plus the first-order query gradient scaled by ``learning_rate / eps``. ``"gradient"``: the
+        paper's loss, plus the query gradient as is.
         """
         params = self.view.global_params()
+        query, self._pending_query_grads = self._pending_query_grads, None
         if not self.args.uses_interpolation:
             loss, logs = self.view.outer_loss()
-            directions = None
-        else:
-            directions, logs = self.view.outer_direction()
-            loss = torch.zeros((), device=params[0].device)
-        query = self._pending_query_grads
-        self._pending_query_grads = None
+            return (loss if query is None else loss + linear_surrogate(params, query)), logs
+        directions, logs = self.view.outer_direction()
         if query is not None:
-            ratio = self.args.learning_rate / self.args.outer_step_size if self.args.uses_interpolation else 1.0
-            directions = [
-                (0 if d is None else d) + ratio * g.to(p.dtype)
-                for d, g, p in zip(directions or [None] * len(params), query, params)
-            ]
-        if directions is not None:
-            surrogate = linear_surrogate(params, directions)
-            loss = loss + surrogate - surrogate.detach()
-        return loss, logs
+            ratio = self.args.learning_rate / self.args.outer_step_size
+            directions = [d + ratio * g.to(d.dtype) for d, g in zip(directions, query)]
+        surrogate = linear_surrogate(params, directions)
+        return surrogate - surrogate.detach(), logs  # NaN if any direction is: refused in compute_loss
 
     # --------------------------------------------------------------------------------- multi-process
     def _average_global_grads_across_processes(self) -> None:
