@@ -64,7 +64,7 @@ def main() -> None:
         args = MetaTrainingArguments(
             output_dir=out,
             max_steps=30,
-            learning_rate=3e-2,
+            outer_step_size=1.0,  # the global step: Reptile's interpolation for the mean, annealed to 0
             inner_learning_rate=1e-2,
             logging_steps=10,
             report_to=[],

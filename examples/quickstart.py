@@ -33,10 +33,10 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 def train_step(model: PeftModel, input_ids: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-    """One step on NLL + beta * KL(q_local || p_global) (the tempered ABMLL objective, without the hyperprior)."""
+    """One step on NLL + beta * KL(q_local || p_global) per adapted entry (the tempered ABMLL objective)."""
     model.train()  # training forward passes sample a weight update from the posterior
     nll = model(input_ids=input_ids, labels=input_ids).loss
-    kl = model.kl_divergence()  # float32 scalar summed over every adapted weight entry
+    kl = model.kl_divergence() / model.num_adapted_entries()  # float32, per adapted weight entry (kl_reduction)
     loss = nll + model.peft_config["default"].beta * kl
     loss.backward()
     optimizer.step()
