@@ -53,7 +53,10 @@ def candidates(args: argparse.Namespace) -> list[str]:
 def load_rows(name: str, max_choices: int) -> list[dict[str, Any]]:
     from peft_abmll.assets import load_bigbench_task
 
-    grouped = prepare_tasks(load_bigbench_task(name, max_choices=max_choices), max_choices)
+    dataset = load_bigbench_task(name, max_choices=max_choices)
+    if len(dataset) == 0:  # every example has more than `max_choices` options
+        return []
+    grouped = prepare_tasks(dataset, max_choices)
     return [row for rows in grouped.values() for row in rows]
 
 
