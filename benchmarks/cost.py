@@ -81,7 +81,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
     import peft_abmll
-    from peft_abmll.meta.algorithms import ABMLLView, inner_loop
+    from peft_abmll.algorithms import ABMLLView, inner_loop
 
     torch.set_num_threads(spec["threads"])
     base = _model(spec["model"])

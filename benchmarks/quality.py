@@ -34,11 +34,12 @@ import torch
 from torch import nn
 
 from peft_abmll.adaptation import evaluate_tasks
+from peft_abmll.algorithms import DEFAULT_INNER_LR
 from peft_abmll.baselines import METHODS, train_method
 from peft_abmll.cli import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from peft_abmll.experiment import load_causal_lm, resolve_tasks
-from peft_abmll.meta.arguments import DEFAULT_INNER_LR, MetaTrainingArguments
-from peft_abmll.metrics import METRICS, metrics_with_intervals
+from peft_abmll.meta.arguments import MetaTrainingArguments
+from peft_abmll.metrics import METRICS, metrics_with_intervals, plot_reliability_diagram
 from peft_abmll.tuner.config import ABMLLConfig
 from peft_abmll.tuner.layer import ABMLLLayer
 
@@ -132,8 +133,11 @@ def run_one(
         adaptation_learning_rate=args.adapt_lr,
         max_length=args.max_length,
         eval_max_query=args.max_query,
+        num_shots=args.num_shots,
         report_to=[],
-        save_strategy="no",
+        save_strategy="steps" if args.save_every else "no",
+        save_steps=args.save_every or 500,
+        save_total_limit=1,
         logging_steps=10,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
@@ -141,7 +145,17 @@ def run_one(
     margs = MetaTrainingArguments(**{**settings, **job["args"]})  # a job's own arguments win
     config = ABMLLConfig(**job["config"])
     start = time.perf_counter()
-    model = train_method(job["method"], model_fn, tokenizer, train, margs, config, lora_learning_rate=args.lora_lr)
+    resume = bool(args.save_every) and any(Path(margs.output_dir).glob("checkpoint-*"))  # an interrupted run
+    model = train_method(
+        job["method"],
+        model_fn,
+        tokenizer,
+        train,
+        margs,
+        config,
+        lora_learning_rate=args.lora_lr,
+        resume_from_checkpoint=resume or None,
+    )
     train_s = time.perf_counter() - start
     global_std, mean_rms = median_global_std(model), global_mean_rms(model)
     encoder = margs.task_encoder(tokenizer)
@@ -270,6 +284,48 @@ def interval_summary(
     return "\n".join(lines)
 
 
+def paired_summary(
+    records: list[dict[str, Any]], focus: str = "abmll", n_resamples: int = 1000, kind: str = "pooled"
+) -> str:
+    """`focus` minus every other configuration, example by example on the same seeds, with 95 % intervals.
+
+    A difference whose interval excludes zero is marked: ``better`` / ``worse`` for `focus` (lower is better for
+    NLL, ECE and Brier).
+    """
+    rows = [r for r in records if "probs" in r and not r["prune"]]
+    pooled = {name: _pooled([r for r in rows if r["name"] == name]) for name in dict.fromkeys(r["name"] for r in rows)}
+    if focus not in pooled:
+        return f"(no records of {focus!r})"
+    probs, labels, groups, seeds = pooled[focus]
+    names = list(METRICS)
+    header = ["baseline", "seeds", "n", *(f"Δ {k} ({focus} − baseline)" for k in names)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, (other, _, _, other_seeds) in pooled.items():
+        if name == focus or other_seeds != seeds:
+            continue
+        diffs = metrics_with_intervals(probs, labels, groups, other=other, n_resamples=n_resamples)[kind]
+        cells = [_interval(diffs[k], signed=True) + _verdict(k, diffs[k]) for k in names]
+        lines.append("| " + " | ".join([name, str(len(seeds)), str(len(labels)), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _verdict(metric: str, diff: dict[str, float]) -> str:
+    if diff["low"] <= 0 <= diff["high"]:
+        return ""
+    higher_is_better = metric == "accuracy"
+    return " better" if (diff["low"] > 0) == higher_is_better else " worse"
+
+
+def plot_reliability(records: list[dict[str, Any]], path: Path, n_bins: int = 10) -> Path:
+    """One reliability-diagram panel per configuration, pooled over seeds and held-out tasks (PNG)."""
+    rows = [r for r in records if "probs" in r and not r["prune"]]
+    results = {}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        probs, labels, _, _ = _pooled([r for r in rows if r["name"] == name])
+        results[name] = (probs, labels)
+    return plot_reliability_diagram(results, path, n_bins=n_bins, panels=True)
+
+
 def _pooled(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
     """Probabilities (padded to 4 options), labels and (seed, task) group ids of `rows`, in seed order."""
     rows = sorted(rows, key=lambda r: r["seed"])
@@ -340,11 +396,20 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=None, help="Regular / structured LoRA learning rate.")
     parser.add_argument("--max-query", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument(
+        "--split", default=None, help="JSON with 'meta_train' and 'validation' task lists (screen.py --choose-split)."
+    )
+    parser.add_argument("--num-shots", type=int, default=0, help="In-context examples in every prompt (all methods).")
+    parser.add_argument("--focus", default="abmll", help="Configuration compared example by example with every other.")
+    parser.add_argument("--save-every", type=int, default=0, help="Checkpoint every N steps; a rerun resumes from it.")
     parser.add_argument("--out", default="benchmarks/results/quality.json")
     parser.add_argument("--work-dir", default="/tmp/abmll-quality")
     parser.add_argument("--markdown", action="store_true", help="Print the table as Markdown (for docs/).")
     args = parser.parse_args()
 
+    if args.split:
+        split = json.loads(Path(args.split).read_text())
+        args.train_tasks, args.eval_tasks = split["meta_train"], split["validation"]
     model_fn, tokenizer = load_causal_lm(args.model)
     tasks = (resolve_tasks(args.train_tasks), resolve_tasks(args.eval_tasks))
     out = Path(args.out)
@@ -365,7 +430,10 @@ def main() -> None:
     for kind in ("pooled", "macro"):
         print(f"\n{kind.capitalize()} over seeds and tasks, 95 % bootstrap intervals (resampled within seed x task):")
         print(interval_summary([r for r in records if r["name"] in wanted], kind=kind))
+        print(f"\n{args.focus} minus each baseline ({kind}), paired on the same examples:")
+        print(paired_summary([r for r in records if r["name"] in wanted], focus=args.focus, kind=kind))
     print(f"\nwrote {out}")
+    print(f"wrote {plot_reliability([r for r in records if r['name'] in wanted], out.with_suffix('.reliability.png'))}")
     if args.prune:
         png = plot_pruning([r for r in records if r["name"] in wanted], out.with_suffix(".png"))
         print(f"wrote {png}")

@@ -3,6 +3,7 @@
     python benchmarks/screen.py --limit 4                          # the first 4 candidate tasks (a chunk)
     python benchmarks/screen.py                                    # every candidate; resumes, skipping what is done
     python benchmarks/screen.py --formats option --tasks snarks navigate
+    python benchmarks/screen.py --choose-split benchmarks/results/split.json   # lists from the passing tasks
 
 For each candidate task (≤ 4 options after filtering, at least ``--min-examples`` examples) and each answer format
 (``letter``: the paper's option letters; ``option``: the option's own text, scored by its mean token
@@ -91,6 +92,7 @@ def screen_task(name: str, rows: list, answer_format: str, model_fn: Any, tokeni
     labels = torch.tensor([r["label"] for r in held_out])
     chance = float(np.mean([1.0 / len(r["choices"]) for r in held_out]))
     out: dict[str, Any] = {"task": name, "format": answer_format, "n_eval": len(held_out), "n_train": len(train)}
+    out["oracle_budget"] = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "max_length": args.max_length}
     out["chance"] = chance
     start = time.perf_counter()
     zero = train_method("pretrained", model_fn, tokenizer, Dataset.from_list(train), margs)
@@ -113,15 +115,20 @@ def screen_task(name: str, rows: list, answer_format: str, model_fn: Any, tokeni
     return out
 
 
+def budget(result: dict[str, Any]) -> str:
+    b = result.get("oracle_budget", {"steps": 200, "batch": 2})  # the first results, before it was recorded
+    return f"{b['steps']} × {b['batch']}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     header = (
-        "| task | format | n eval / train | chance | zero-shot acc [95 % CI] | oracle acc [CI] "
+        "| task | format | n eval / train | oracle steps × batch | chance | zero-shot acc [95 % CI] | oracle acc [CI] "
         "| oracle − zero-shot [CI] | passes |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["task"], r["format"])):
         if "skipped" in r:
-            lines.append(f"| {r['task']} | {r['format']} | – | – | – | – | – | skipped: {r['skipped']} |")
+            lines.append(f"| {r['task']} | {r['format']} | – | – | – | – | – | – | skipped: {r['skipped']} |")
             continue
 
         def ci(stat: dict, signed: bool = False) -> str:
@@ -129,11 +136,35 @@ def table(results: list[dict[str, Any]]) -> str:
             return f"{f.format(stat['value'])} [{f.format(stat['low'])}, {f.format(stat['high'])}]"
 
         lines.append(
-            f"| {r['task']} | {r['format']} | {r['n_eval']} / {r['n_train']} | {r['chance']:.2f} "
+            f"| {r['task']} | {r['format']} | {r['n_eval']} / {r['n_train']} | {budget(r)} | {r['chance']:.2f} "
             f"| {ci(r['zero_shot']['accuracy'])} | {ci(r['oracle']['accuracy'])} "
             f"| {ci(r['oracle_minus_zero_shot'], True)} | {'yes' if r['passes'] else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def choose_split(results: list[dict[str, Any]], answer_format: str, seed: int = 0) -> dict[str, Any]:
+    """Meta-train / validation / untouched lists from the tasks that pass the screen in `answer_format`.
+
+    The passing tasks, in a seeded order, go half (rounded up) to ``untouched`` (never trained or tuned on:
+    independent checks), then one half of the rest to ``validation`` (rounded up) and the other to
+    ``meta_train``. Tasks that do not pass are listed as ``failing``.
+    """
+    screened = [r for r in results if r["format"] == answer_format and "skipped" not in r]
+    passing = sorted(r["task"] for r in screened if r["passes"])
+    order = [passing[i] for i in np.random.default_rng(seed).permutation(len(passing))]
+    n_untouched = (len(order) + 1) // 2
+    rest = order[n_untouched:]
+    n_validation = (len(rest) + 1) // 2
+    return {
+        "format": answer_format,
+        "meta_train": sorted(rest[n_validation:]),
+        "validation": sorted(rest[:n_validation]),
+        "untouched": sorted(order[:n_untouched]),
+        "failing": sorted(r["task"] for r in screened if not r["passes"]),
+        "rule": "passing tasks in a seeded order: half untouched, then half validation, the rest meta-train",
+        "seed": seed,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,11 +186,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/screen.json")
     parser.add_argument("--work-dir", default="/tmp/abmll-screen")
     parser.add_argument("--markdown", action="store_true", help="Only print the table of what --out holds.")
+    parser.add_argument(
+        "--choose-split", metavar="PATH", default=None, help="Only write the split chosen from what --out holds."
+    )
+    parser.add_argument("--split-format", default="option", choices=["letter", "option"])
     args = parser.parse_args(argv)
     out = Path(args.out)
     results = json.loads(out.read_text())["results"] if out.exists() else []
     if args.markdown:
         print(table(results))
+        return
+    if args.choose_split:
+        split = choose_split(results, args.split_format, args.seed)
+        Path(args.choose_split).write_text(json.dumps(split, indent=1) + "\n")
+        print(json.dumps(split, indent=1))
         return
     done = {(r["task"], r["format"]) for r in results}
     model_fn, tokenizer = load_causal_lm(args.model)

@@ -1,8 +1,14 @@
 """peft-abmll: Amortized Bayesian Meta-Learning for LoRA (ABMLL) as a Hugging Face PEFT adapter type.
 
 ``import peft_abmll`` registers the ``"ABMLL"`` PEFT type, after which ``peft.get_peft_model``,
-``PeftModel.from_pretrained`` and the rest of PEFT's API work with `ABMLLConfig`.
+``PeftModel.from_pretrained`` and the rest of PEFT's API work with `ABMLLConfig`. The tuner loads with the
+package; everything else (adaptation, the `MetaTrainer`, Hub helpers) loads on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .peft_type import ABMLLPeftType
@@ -11,12 +17,48 @@ from .tuner import ABMLLConfig, ABMLLLayer, ABMLLModel
 
 register()
 
-from .adaptation import adapt, adaptation_scope, evaluate_tasks, predict_proba, save_adapted  # noqa: E402
-from .data import TaskEncoder, format_prompt, prepare_tasks  # noqa: E402
-from .export import export_lora  # noqa: E402
-from .hub import push_to_hub  # noqa: E402
-from .meta import MetaTrainer, MetaTrainingArguments, NonFiniteLossError  # noqa: E402
-from .safety import allow_pickle, save_pretrained_atomic  # noqa: E402
+_EXPORTS = {
+    "adapt": "peft_abmll.adaptation",
+    "adaptation_scope": "peft_abmll.adaptation",
+    "evaluate_tasks": "peft_abmll.adaptation",
+    "predict_proba": "peft_abmll.adaptation",
+    "save_adapted": "peft_abmll.adaptation",
+    "TaskEncoder": "peft_abmll.data",
+    "format_prompt": "peft_abmll.data",
+    "prepare_tasks": "peft_abmll.data",
+    "export_lora": "peft_abmll.export",
+    "save_pretrained_atomic": "peft_abmll.files",
+    "push_to_hub": "peft_abmll.hub",
+    "MetaTrainer": "peft_abmll.meta.trainer",
+    "MetaTrainingArguments": "peft_abmll.meta.arguments",
+    "NonFiniteLossError": "peft_abmll.algorithms",
+    "allow_pickle": "peft_abmll.pickle_policy",
+}
+
+if TYPE_CHECKING:
+    from .adaptation import adapt, adaptation_scope, evaluate_tasks, predict_proba, save_adapted
+    from .algorithms import NonFiniteLossError
+    from .data import TaskEncoder, format_prompt, prepare_tasks
+    from .export import export_lora
+    from .files import save_pretrained_atomic
+    from .hub import push_to_hub
+    from .meta.arguments import MetaTrainingArguments
+    from .meta.trainer import MetaTrainer
+    from .pickle_policy import allow_pickle
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name on first use (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "ABMLLConfig",

@@ -23,6 +23,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from .algorithms import DEFAULT_INNER_LR, SnapshotView, abmll_tuner, inner_loop, make_view
 from .data import (
     ANSWER_FORMATS,
     LetterCollisionError,
@@ -32,8 +33,7 @@ from .data import (
     prepare_tasks,
     seeded_torch_rng,
 )
-from .meta.algorithms import SnapshotView, abmll_tuner, inner_loop, make_view
-from .meta.arguments import DEFAULT_INNER_LR
+from .files import save_pretrained_atomic
 from .metrics import classification_metrics, plot_reliability_diagram
 from .tuner.model import ABMLLModel
 
@@ -105,18 +105,15 @@ def adapt(
         idx = [order[(s * batch_size + j) % len(support)] for j in range(batch_size)]
         batches.append(_to(enc.batch([support[i] for i in idx], support, num_shots, rng), _device(model)))
     view = make_view(model, beta)
-    tuner = abmll_tuner(model)
     was_training = model.training
     model.train()
-    if tuner is not None:
-        view.reset()
+    view.begin_task()
     try:
         with view.local_mode():
             logs = inner_loop(model, view, batches, lr=lr, optimizer=optimizer, task=task, fresh=True)
     finally:
         model.train(was_training)
-    if tuner is not None:
-        tuner.set_posterior("local")
+    view.finish_task()
     return logs
 
 
@@ -227,9 +224,10 @@ def _option_probs(
     starts = [e["prompt_length"] for e in encoded]
     keep = width - min(starts) + 1  # the positions that predict any answer token, in every row
     total = torch.zeros(len(encoded))
+    shared = _shared_prefix(batch["input_ids"], min(starts))
     for draw in _posterior_draws(model, samples):
         with draw:
-            logits = _tail_logits(model, batch, keep)  # (options, keep, vocab): positions width - keep ...
+            logits = _tail_logits(model, batch, keep, shared)  # (options, keep, vocab): positions width - keep ...
         log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
         targets = labels[:, width - keep + 1 :]
         picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -239,13 +237,54 @@ def _option_probs(
     return total / samples
 
 
-def _tail_logits(model: nn.Module, batch: dict, keep: int) -> torch.Tensor:
-    """Logits of the last `keep` positions (only those are projected when the model takes ``logits_to_keep``)."""
+def _shared_prefix(input_ids: torch.Tensor, length: int) -> int:
+    """`length` when every row starts with the same `length` tokens (options after one prompt), else 0."""
+    if len(input_ids) < 2 or length < 1 or not bool((input_ids[:, :length] == input_ids[:1, :length]).all()):
+        return 0
+    return length
+
+
+def _tail_logits(model: nn.Module, batch: dict, keep: int, shared: int = 0) -> torch.Tensor:
+    """``(rows, keep, vocab)`` logits of the last `keep` positions.
+
+    With ``shared = P > 0`` (every row starts with the same ``P`` tokens and ``keep = width - P + 1``), the prefix
+    is run once and its key/value cache repeated for every row, so a prompt is encoded once for all its
+    options; models without a repeatable cache fall back to one full pass. Only the kept positions are
+    projected onto the vocabulary when the model takes ``logits_to_keep``.
+    """
+    if shared and keep == batch["input_ids"].shape[1] - shared + 1:
+        logits = _logits_after_shared_prefix(model, batch, shared)
+        if logits is not None:
+            return logits
     if _takes_logits_to_keep(model):
         logits = model(**batch, logits_to_keep=keep).logits
         if logits.shape[1] == keep:
             return logits
     return model(**batch).logits[:, -keep:]
+
+
+def _logits_after_shared_prefix(model: nn.Module, batch: dict, shared: int) -> Optional[torch.Tensor]:
+    """`_tail_logits` by one pass over the shared prefix and one over the rows' tails (None: no usable cache)."""
+    rows = batch["input_ids"].shape[0]
+    keep_last = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    prefix = model(
+        input_ids=batch["input_ids"][:1, :shared],
+        attention_mask=batch["attention_mask"][:1, :shared],
+        use_cache=True,
+        **keep_last,
+    )
+    cache = getattr(prefix, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(rows)
+    tail = model(
+        input_ids=batch["input_ids"][:, shared:],
+        attention_mask=batch["attention_mask"],
+        past_key_values=cache,
+        use_cache=True,
+    ).logits
+    first = prefix.logits[:, -1:].expand(rows, 1, -1)  # predicts the first token after the prefix, in every row
+    return torch.cat([first, tail], dim=1)
 
 
 def _non_empty(rows: Any) -> bool:
@@ -324,8 +363,6 @@ def save_adapted(model: nn.Module, path: Union[str, Path]) -> Path:
     tuner = abmll_tuner(model)
     if tuner is None:
         raise TypeError("save_adapted needs an ABMLL PeftModel; for other models use save_pretrained.")
-    from .safety import save_pretrained_atomic  # late: safety imports the tuner
-
     save_pretrained_atomic(cast(PeftModel, model), path)  # an interrupted save keeps the previous folder
     return Path(path)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -143,6 +143,7 @@ def train_method(
     abmll_config: Optional[ABMLLConfig] = None,
     lora_config: Optional[LoraConfig] = None,
     lora_learning_rate: Optional[float] = None,
+    resume_from_checkpoint: Union[bool, str, None] = None,
     **trainer_kwargs: Any,
 ) -> PeftModel:
     """Build and train one method on the same data and budget; returns the trained PeftModel.
@@ -151,6 +152,7 @@ def train_method(
     ``args.inner_learning_rate``. The regular / structured LoRA baselines train at `lora_learning_rate`
     (default: ``args.inner_learning_rate``). The adapter is initialised from ``args.seed`` alone (not from
     whatever ran before in the process), so the LoRA methods of one seed start from the same adapter.
+    `resume_from_checkpoint` is passed to ``Trainer.train`` (``True``: the last checkpoint in ``args.output_dir``).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
@@ -160,7 +162,7 @@ def train_method(
         model: PeftModel = _seeded_peft_model(base_model_fn, abmll_config, args.seed)
         MetaTrainer(
             model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, **trainer_kwargs
-        ).train()
+        ).train(resume_from_checkpoint=resume_from_checkpoint)
         return model
     model = _seeded_peft_model(base_model_fn, lora_config, args.seed)
     if method == "pretrained":
@@ -169,7 +171,7 @@ def train_method(
         args = dataclasses.replace(args, meta_algorithm="reptile")
         MetaTrainer(
             model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, **trainer_kwargs
-        ).train()
+        ).train(resume_from_checkpoint=resume_from_checkpoint)
         model.delete_adapter("meta")
         model.set_adapter(model.active_adapter)  # trainable again, like any freshly trained LoRA
         return model
@@ -181,7 +183,7 @@ def train_method(
         processing_class=tokenizer,
         blocked=method == "structured_lora",
         **trainer_kwargs,
-    ).train()
+    ).train(resume_from_checkpoint=resume_from_checkpoint)
     return model
 
 

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from .meta.arguments import DEFAULT_INNER_LR, MetaTrainingArguments
+from .algorithms import DEFAULT_INNER_LR
+from .meta.arguments import MetaTrainingArguments
 
 logger = logging.getLogger("peft_abmll")
 
@@ -301,7 +302,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> Path:
     from .baselines import train_method
     from .experiment import load_causal_lm, resolve_tasks
-    from .safety import save_pretrained_atomic
+    from .files import save_pretrained_atomic
 
     if not args.tasks:
         raise SystemExit("abmll train: give --tasks (BIG-bench names, task files, or hf:<dataset id>).")

@@ -19,9 +19,9 @@ from torch import nn
 
 from .adaptation import evaluate_tasks
 from .baselines import train_method
+from .files import save_pretrained_atomic
 from .meta.arguments import MetaTrainingArguments
 from .metrics import plot_reliability_diagram
-from .safety import save_pretrained_atomic
 from .tuner.config import ABMLLConfig
 
 logger = logging.getLogger("peft_abmll")

@@ -148,35 +148,38 @@ def metrics_with_intervals(
 
 
 def plot_reliability_diagram(
-    results: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Union[str, Path], n_bins: int = 15
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    path: Union[str, Path],
+    n_bins: int = 15,
+    panels: bool = False,
 ) -> Path:
-    """Write a reliability diagram (accuracy vs confidence per bin, one line per method) as PNG.
+    """Write a reliability diagram (accuracy vs confidence per bin) as PNG.
 
     Args:
         results: method name -> ``(probs, labels)``.
+        panels: one panel per method side by side (else one line per method on a single panel).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    for name, (probs, labels) in results.items():
+    n = len(results) if panels else 1
+    fig, axes = plt.subplots(1, n, figsize=(4 * n if panels else 5, 4.2 if panels else 5), squeeze=False)
+    for i, (name, (probs, labels)) in enumerate(results.items()):
+        ax = axes[0, i if panels else 0]
+        if panels or i == 0:
+            ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
         bins = calibration_bins(probs, labels, n_bins)
         used = bins["count"] > 0
         ece = expected_calibration_error(probs, labels, n_bins)
         conf, acc, count = (bins[k][used].cpu() for k in ("confidence", "accuracy", "count"))
         (line,) = ax.plot(conf, acc, alpha=0.6, label=f"{name} (ECE {ece:.3f}, n={int(count.sum())})")
         ax.scatter(conf, acc, s=20 + 180 * count / count.max(), color=line.get_color(), alpha=0.8)
-    ax.set(
-        xlabel="confidence (marker area: examples in the bin)",
-        ylabel="accuracy",
-        xlim=(0, 1),
-        ylim=(0, 1),
-        title="Reliability diagram",
-    )
-    ax.legend(loc="upper left", fontsize=8)
+    for ax in axes[0]:
+        ax.set(xlabel="confidence (marker area: examples in the bin)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle("Reliability diagram" + (" per method" if panels else ""))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")

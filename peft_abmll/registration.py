@@ -6,7 +6,7 @@ import warnings
 from typing import Any, cast
 
 from .peft_type import PREFIX, ABMLLPeftType
-from .safety import install_pickle_guard
+from .pickle_policy import install_pickle_guard
 from .tuner.config import ABMLLConfig
 from .tuner.model import ABMLLModel
 
@@ -17,7 +17,7 @@ def register() -> None:
     PEFT's own `register_peft_method` only accepts members of its closed `PeftType` enum, so this
     fills the same mapping tables with our own str-enum key. Safe to call any number of times;
     raises `RuntimeError` if another package registered a different method under ``"ABMLL"``.
-    Also installs the pickle guard of `peft_abmll.safety`: pickle-based ABMLL adapter files are refused
+    Also installs the pickle guard of `peft_abmll.pickle_policy`: pickle-based ABMLL adapter files are refused
     unless the user opts in.
     """
     from peft import mapping

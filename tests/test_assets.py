@@ -22,7 +22,7 @@ from _index import serve
 from datasets import ClassLabel, Dataset, Features, Value
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from peft_abmll import assets
+from peft_abmll import assets, files
 from peft_abmll.assets import bigbench, cache, smollm2
 
 PREFIX = "Answer the question.\n"
@@ -98,7 +98,7 @@ def test_cache_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 @pytest.mark.parametrize("bad", ["..", "../x", "/etc/passwd", "a/../../x", "", "a/./b"])
 def test_safe_join_rejects_escapes(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ValueError, match="Unsafe path component"):
-        cache.safe_join(tmp_path, bad)
+        files.safe_join(tmp_path, bad)
 
 
 def test_safe_join_symlink_out(tmp_path: Path) -> None:
@@ -106,30 +106,30 @@ def test_safe_join_symlink_out(tmp_path: Path) -> None:
     root.mkdir()
     (root / "link").symlink_to(tmp_path)
     with pytest.raises(ValueError, match="'link'"):
-        cache.safe_join(root, "link")
-    assert cache.safe_join(root, "a/b", "c") == root / "a" / "b" / "c"
+        files.safe_join(root, "link")
+    assert files.safe_join(root, "a/b", "c") == root / "a" / "b" / "c"
 
 
 def test_atomic_dir_success_failure_and_stale(tmp_path: Path) -> None:
     final = tmp_path / "out"
-    with pytest.raises(RuntimeError), cache.atomic_dir(final) as tmp:
+    with pytest.raises(RuntimeError), files.atomic_dir(final) as tmp:
         (tmp / "half").write_text("x")
         raise RuntimeError("interrupted")
     assert not final.exists() and os.listdir(tmp_path) == []
 
     final.mkdir()  # a half-written dir from a crashed run: no marker
     (final / "junk").write_text("x")
-    with cache.atomic_dir(final) as tmp:
+    with files.atomic_dir(final) as tmp:
         (tmp / "data").write_text("new")
-    assert cache.is_complete(final) and sorted(os.listdir(final)) == [".abmll-complete", "data"]
+    assert files.is_complete(final) and sorted(os.listdir(final)) == [".abmll-complete", "data"]
     assert os.listdir(tmp_path) == ["out"]
 
 
 def test_atomic_dir_concurrent_finished_copy_wins(tmp_path: Path) -> None:
     final = tmp_path / "out"
-    with cache.atomic_dir(final) as tmp:
+    with files.atomic_dir(final) as tmp:
         (tmp / "data").write_text("ours")
-        with cache.atomic_dir(final) as other:  # another worker finishes first
+        with files.atomic_dir(final) as other:  # another worker finishes first
             (other / "data").write_text("theirs")
     assert (final / "data").read_text() == "theirs"
     assert os.listdir(tmp_path) == ["out"]
@@ -137,8 +137,8 @@ def test_atomic_dir_concurrent_finished_copy_wins(tmp_path: Path) -> None:
 
 def test_atomic_write(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "f.txt"
-    cache.atomic_write_text(path, "héllo")
-    cache.atomic_write_bytes(path, b"bye")
+    files.atomic_write_text(path, "héllo")
+    files.atomic_write_bytes(path, b"bye")
     assert path.read_bytes() == b"bye" and os.listdir(path.parent) == ["f.txt"]
 
 
@@ -295,7 +295,7 @@ def _fake_smol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def test_smollm2_cached_and_reused(fake_smol: list[str], cache_dir: Path) -> None:
     path = assets.smollm2_path()
-    assert path == cache_dir / "models" / "SmolLM2-135M-Instruct-float32" and cache.is_complete(path)
+    assert path == cache_dir / "models" / "SmolLM2-135M-Instruct-float32" and files.is_complete(path)
     assert assets.smollm2_path() == path and fake_smol == ["float32"]
     assert isinstance(AutoModelForCausalLM.from_pretrained(path), LlamaForCausalLM)
     assert assets.smollm2_path(dtype="bfloat16").name.endswith("bfloat16") and fake_smol[-1] == "bfloat16"

@@ -90,7 +90,7 @@ def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch
     """``--arg outer_step_size=0.1`` must win over ``--outer-step`` (it used to raise a duplicate-keyword error)."""
     seen = {}
 
-    def fake_train(method, model_fn, tokenizer, train, margs, config, lora_learning_rate=None):
+    def fake_train(method, model_fn, tokenizer, train, margs, config, lora_learning_rate=None, **kwargs):
         seen["args"] = margs
         raise RuntimeError("stop")
 
@@ -107,6 +107,8 @@ def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch
         max_query=2,
         lora_lr=None,
         answer_format="letter",
+        num_shots=0,
+        save_every=0,
     )
     job = {"name": "abmll-outer_step_size=0.1", "method": "abmll", "config": {}, "args": {"outer_step_size": 0.1}}
     with pytest.raises(RuntimeError, match="stop"):
@@ -117,22 +119,7 @@ def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch
 def test_interval_table_pairs_configurations_on_the_same_examples() -> None:
     """A configuration that is better on every example shows a paired difference whose interval excludes 0."""
 
-    def record(name: str, seed: int, shift: float) -> dict:
-        g = torch.Generator().manual_seed(seed)
-        labels = torch.randint(0, 3, (40,), generator=g)
-        logits = torch.randn(40, 3, generator=g) + shift * torch.nn.functional.one_hot(labels, 3)
-        per_task = {"a": {"n": 20}, "b": {"n": 20}}
-        probs = torch.softmax(logits, -1).tolist()
-        return {
-            "name": name,
-            "seed": seed,
-            "prune": 0.0,
-            "probs": probs,
-            "labels": labels.tolist(),
-            "per_task": per_task,
-        }
-
-    records = [record("pretrained", s, 0.0) for s in (0, 1)] + [record("abmll", s, 2.0) for s in (0, 1)]
+    records = [_scored_record("pretrained", s, 0.0) for s in (0, 1)] + [_scored_record("abmll", s, 2.0) for s in (0, 1)]
     rows = {
         line.split(" | ")[0].strip("| "): line
         for line in quality.interval_summary(records, n_resamples=200).splitlines()
@@ -143,6 +130,60 @@ def test_interval_table_pairs_configurations_on_the_same_examples() -> None:
     value, low, high = (float(x) for x in delta_accuracy.replace("[", "").replace("]", "").replace(",", "").split())
     assert 0 < low <= value <= high
     assert rows["pretrained"].count("–") == 4  # no difference to itself
+
+
+def _scored_record(name: str, seed: int, shift: float, temperature: float = 1.0) -> dict:
+    """40 query examples of 3 options over two tasks; `shift` adds logit mass on the true option."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (40,), generator=g)
+    logits = torch.randn(40, 3, generator=g) + shift * torch.nn.functional.one_hot(labels, 3)
+    return {
+        "name": name,
+        "seed": seed,
+        "prune": 0.0,
+        "probs": torch.softmax(logits / temperature, -1).tolist(),
+        "labels": labels.tolist(),
+        "per_task": {"a": {"n": 20}, "b": {"n": 20}},
+    }
+
+
+def test_paired_summary_marks_what_the_interval_decides() -> None:
+    """Same examples: a better-informed focus is ``better`` on accuracy; a near-uniform baseline loses on NLL / ECE."""
+    records = [_scored_record("abmll", s, 2.0) for s in (0, 1)]
+    records += [_scored_record("weak", s, 0.0) for s in (0, 1)]
+    records += [_scored_record("same", s, 2.0) for s in (0, 1)]
+    records += [_scored_record("hot", s, 2.0, temperature=5.0) for s in (0, 1)]  # same argmax, underconfident
+    rows = {
+        line.split(" | ")[0].strip("| "): line for line in quality.paired_summary(records, n_resamples=200).splitlines()
+    }
+    weak, same, hot = (rows[k].strip("| ").split(" | ") for k in ("weak", "same", "hot"))
+    assert weak[1:3] == ["2", "80"] and weak[3].endswith("better") and weak[4].endswith("better")  # accuracy, NLL
+    assert same[3].startswith("+0.000 [+0.000, +0.000]") and not same[3].endswith(("better", "worse"))
+    assert hot[3].startswith("+0.000") and hot[4].endswith("better") and hot[6].endswith("better")  # NLL, ECE
+    assert "abmll" not in rows and quality.paired_summary(records, focus="missing") == "(no records of 'missing')"
+
+
+def test_reliability_png_has_one_panel_per_configuration(tmp_path) -> None:
+    import matplotlib.image
+
+    records = [_scored_record(name, 0, 1.0) for name in ("a", "b", "c")]
+    path = quality.plot_reliability(records, tmp_path / "r.png")
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width > 2 * height  # three panels side by side
+
+
+def test_choose_split_keeps_half_the_passing_tasks_untouched() -> None:
+    screen = _load_script("screen")
+    results = [{"task": f"t{i}", "format": "option", "passes": i % 3 != 0} for i in range(15)]
+    results += [{"task": "t0", "format": "letter", "passes": True}, {"task": "s", "format": "option", "skipped": "x"}]
+    split = screen.choose_split(results, "option", seed=0)
+    passing = {f"t{i}" for i in range(15) if i % 3 != 0}
+    lists = [set(split[k]) for k in ("untouched", "validation", "meta_train")]
+    assert set().union(*lists) == passing and sum(map(len, lists)) == len(passing)  # disjoint, complete
+    assert [len(x) for x in lists] == [5, 3, 2]
+    assert set(split["failing"]) == {f"t{i}" for i in range(0, 15, 3)}
+    assert screen.choose_split(results, "option", seed=0) == split
+    assert screen.choose_split(results, "option", seed=1)["untouched"] != split["untouched"]
 
 
 def _load_script(name: str):
@@ -167,4 +208,4 @@ def test_screen_separates_a_learnable_task_from_zero_shot(tok, tmp_path) -> None
     assert result["oracle"]["accuracy"]["value"] > 0.9 > result["zero_shot"]["accuracy"]["value"]
     assert result["passes"]
     line = screen.table([result, {"task": "tiny", "format": "letter", "skipped": "12 examples"}])
-    assert "| t0 | letter | 60 / 100 | 0.33 |" in line and "skipped: 12 examples" in line
+    assert "| t0 | letter | 60 / 100 | 60 × 2 | 0.33 |" in line and "skipped: 12 examples" in line

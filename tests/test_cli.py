@@ -339,7 +339,7 @@ def test_one_inner_learning_rate_default_everywhere(tmp_path: Path) -> None:
     import inspect
 
     from peft_abmll import MetaTrainingArguments, adapt, evaluate_tasks
-    from peft_abmll.meta.arguments import DEFAULT_INNER_LR
+    from peft_abmll.algorithms import DEFAULT_INNER_LR
 
     args = MetaTrainingArguments(output_dir=str(tmp_path))
     parsed = cli.parse_args(["train", "--model", "m", "--tasks", "t"])

@@ -21,11 +21,11 @@ from torch.distributions import Gamma, Normal, kl_divergence
 
 import peft_abmll
 from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, TaskEncoder
+from peft_abmll.algorithms import ABMLLView, inner_loop
 from peft_abmll.baselines import METHODS, train_method
 from peft_abmll.bayes import closed_form_global_moments, global_variance_direction
 from peft_abmll.fused import ScaleSpec
 from peft_abmll.global_update import HyperPrior, abmll_direction
-from peft_abmll.meta.algorithms import ABMLLView, inner_loop
 
 # ------------------------------------------------------------------------------------------- pure functions
 PRIOR = HyperPrior(weight=0.2, a0=1.5, b0=0.5 * 2e-3**2, mean_std=1.0)
@@ -342,7 +342,7 @@ def test_beta_keeps_the_local_posterior_near_the_global_and_changes_what_is_lear
 
 def test_kl_per_entry_is_the_sum_over_the_number_of_entries(tok):
     model = _abmll(tok, init_weights=False)
-    tuner = peft_abmll.meta.algorithms.abmll_tuner(model)
+    tuner = peft_abmll.algorithms.abmll_tuner(model)
     with torch.no_grad():
         for p in tuner.local_parameters():
             p.mul_(1.1)
@@ -428,7 +428,7 @@ def test_a_standard_deviation_of_exactly_zero_gives_a_finite_step():
 
 
 def test_a_non_finite_global_step_is_refused_before_it_reaches_the_adapter(tok, shared_rule, tmp_path):
-    from peft_abmll.meta.algorithms import NonFiniteLossError
+    from peft_abmll.algorithms import NonFiniteLossError
 
     trainer = MetaTrainer(model=_abmll(tok), args=_args(tmp_path), train_dataset=shared_rule, processing_class=tok)
     trainer.create_optimizer_and_scheduler(num_training_steps=3)

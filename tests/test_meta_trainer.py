@@ -11,8 +11,8 @@ from peft import get_peft_model
 
 import peft_abmll
 from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, TaskEncoder
+from peft_abmll.algorithms import ABMLLView, NonFiniteLossError, inner_loop
 from peft_abmll.baselines import METHODS, train_method
-from peft_abmll.meta.algorithms import ABMLLView, NonFiniteLossError, inner_loop
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def test_adapter_remembers_its_adaptation_rate(tok, family, tmp_path):
     from peft import PeftModel
 
     from peft_abmll.adaptation import adaptation_learning_rate
-    from peft_abmll.meta.arguments import DEFAULT_INNER_LR
+    from peft_abmll.algorithms import DEFAULT_INNER_LR
 
     fresh = get_peft_model(tiny_lm(tok), ABMLLConfig())
     assert fresh.peft_config["default"].adaptation_learning_rate is None

@@ -40,12 +40,19 @@ def _reference(model, enc: TaskEncoder, example: dict) -> torch.Tensor:
     return torch.softmax(torch.stack(scores), dim=-1)
 
 
+@pytest.mark.parametrize("prefix_cache", [True, False])
 @pytest.mark.parametrize("logits_to_keep", [True, False])
-def test_option_scoring_matches_a_plain_forward_per_option(tok, logits_to_keep, monkeypatch) -> None:
+def test_option_scoring_matches_a_plain_forward_per_option(tok, logits_to_keep, prefix_cache, monkeypatch) -> None:
     from peft_abmll import adaptation
 
     if not logits_to_keep:
         monkeypatch.setattr(adaptation, "_takes_logits_to_keep", lambda model: False)
+    cached = []
+    if prefix_cache:  # the prompt runs once and its cache serves every option: check that path ran
+        real = adaptation._logits_after_shared_prefix
+        monkeypatch.setattr(adaptation, "_logits_after_shared_prefix", lambda *a: cached.append(real(*a)) or cached[-1])
+    else:
+        monkeypatch.setattr(adaptation, "_shared_prefix", lambda ids, length: 0)
     model = _model(tok).eval()
     enc = TaskEncoder(tok, answer_format="option")
     probs = peft_abmll.predict_proba(model, EXAMPLES, encoder=enc)
@@ -55,6 +62,7 @@ def test_option_scoring_matches_a_plain_forward_per_option(tok, logits_to_keep, 
         with torch.no_grad():
             torch.testing.assert_close(probs[i, :k], _reference(model, enc, example), rtol=1e-5, atol=1e-6)
         assert (probs[i, k:] == 0).all()
+    assert len(cached) == (len(EXAMPLES) if prefix_cache else 0) and all(c is not None for c in cached)
     letters = peft_abmll.predict_proba(model, EXAMPLES, encoder=enc, scoring="letter")
     assert not torch.allclose(letters, probs)  # a different score of the same model
 
@@ -70,6 +78,17 @@ def test_option_scoring_averages_posterior_samples(tok) -> None:
             singles.append(peft_abmll.predict_proba(model, EXAMPLES, encoder=enc, num_samples=1))
     torch.testing.assert_close(many, torch.stack(singles).mean(0))
     assert not torch.allclose(many, mean, atol=1e-5)
+
+
+def test_prefix_cache_keeps_each_posterior_sample(tok, monkeypatch) -> None:
+    """A sample drawn for the prompt pass is the one the option pass sees: cached == uncached with S = 3."""
+    from peft_abmll import adaptation
+
+    model = _model(tok)
+    enc = TaskEncoder(tok, answer_format="option")
+    cached = peft_abmll.predict_proba(model, EXAMPLES, encoder=enc, num_samples=3)
+    monkeypatch.setattr(adaptation, "_shared_prefix", lambda ids, length: 0)
+    torch.testing.assert_close(cached, peft_abmll.predict_proba(model, EXAMPLES, encoder=enc, num_samples=3))
 
 
 def test_option_format_trains_on_the_option_text(tok) -> None:

@@ -34,15 +34,16 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 import peft_abmll
-from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, NonFiniteLossError, TaskEncoder
-from peft_abmll.assets import bigbench, cache
+from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, NonFiniteLossError, TaskEncoder, files
+from peft_abmll.assets import bigbench
 from peft_abmll.data import EpisodeDataset, prepare_tasks
-from peft_abmll.meta.safety import (
+from peft_abmll.files import save_pretrained_atomic
+from peft_abmll.meta.checkpoints import (
     CHECKPOINT_MARKER,
     checkpoint_problem,
     last_complete_checkpoint,
 )
-from peft_abmll.safety import ALLOW_PICKLE_ENV, PickleRefusedError, allow_pickle, save_pretrained_atomic
+from peft_abmll.pickle_policy import ALLOW_PICKLE_ENV, PickleRefusedError, allow_pickle
 
 Inputs = dict[str, torch.Tensor]
 
@@ -424,7 +425,7 @@ from peft import get_peft_model
 from safetensors.torch import save_file
 from _tasks import task_family, tiny_lm, tiny_tokenizer
 from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments
-from peft_abmll.meta.safety import CheckpointSafetyMixin
+from peft_abmll.meta.checkpoints import CheckpointSafetyMixin
 
 out, mode = sys.argv[1], sys.argv[2]
 assert issubclass(MetaTrainer, CheckpointSafetyMixin)
@@ -666,4 +667,4 @@ def test_config_and_task_files_are_data_only(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Invalid BIG-bench task name"):
         bigbench.load_bigbench_tasks(["../../../escape"], archive=tmp_path / "missing.tar.gz")
     with pytest.raises(ValueError, match="Unsafe path component"):
-        cache.safe_join(tmp_path, "../escape")
+        files.safe_join(tmp_path, "../escape")

@@ -13,37 +13,23 @@ from .bigbench import (
     task_index,
     validate_task_name,
 )
-from .cache import (
-    atomic_dir,
-    atomic_write_bytes,
-    atomic_write_text,
-    cache_root,
-    is_complete,
-    replace_dir,
-    safe_join,
-)
+from .cache import cache_root
 from .local import dataset_to_task_format, detect_layout, load_hub_task, load_task_file, rows_to_task_format
 from .smollm2 import convert_gguf, smollm2_package_dir, smollm2_path
 
 __all__ = [
-    "atomic_dir",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "bigbench_archive",
     "cache_root",
     "convert_gguf",
     "convert_task_json",
     "dataset_to_task_format",
     "detect_layout",
-    "is_complete",
     "list_bigbench_tasks",
     "load_bigbench_task",
     "load_bigbench_tasks",
     "load_hub_task",
     "load_task_file",
-    "replace_dir",
     "rows_to_task_format",
-    "safe_join",
     "smollm2_package_dir",
     "smollm2_path",
     "task_index",

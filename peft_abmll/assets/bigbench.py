@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .cache import atomic_write_bytes, atomic_write_text, cache_root, safe_join
+from ..files import atomic_write_bytes, atomic_write_text, safe_join
+from .cache import cache_root
 
 logger = logging.getLogger("peft_abmll")
 

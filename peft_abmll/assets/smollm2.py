@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import atomic_dir, cache_root, is_complete
+from ..files import atomic_dir, is_complete
+from .cache import cache_root
 
 logger = logging.getLogger("peft_abmll")
 

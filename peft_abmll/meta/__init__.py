@@ -1,9 +1,26 @@
-"""Meta-training: the `MetaTrainer`, its arguments, and the meta-learning verbs."""
+"""Meta-training: the `MetaTrainer`, its arguments and checkpoints.
 
-from .algorithms import ABMLLView, NonFiniteLossError, ReptileView, SnapshotView, inner_loop, make_view
-from .arguments import MetaTrainingArguments
-from .trainer import MetaTrainer, TaskCollection
+The meta-learning verbs it drives (views, the inner loop) live one level down, in `peft_abmll.algorithms`;
+they are re-exported here. Names load on first use, so ``import peft_abmll.meta.arguments`` does not import
+the Trainer.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ABMLLView": "peft_abmll.algorithms",
+    "NonFiniteLossError": "peft_abmll.algorithms",
+    "ReptileView": "peft_abmll.algorithms",
+    "SnapshotView": "peft_abmll.algorithms",
+    "inner_loop": "peft_abmll.algorithms",
+    "make_view": "peft_abmll.algorithms",
+    "MetaTrainingArguments": "peft_abmll.meta.arguments",
+    "MetaTrainer": "peft_abmll.meta.trainer",
+    "TaskCollection": "peft_abmll.meta.trainer",
+}
 __all__ = [
     "ABMLLView",
     "MetaTrainer",
@@ -15,3 +32,16 @@ __all__ = [
     "inner_loop",
     "make_view",
 ]
+
+if TYPE_CHECKING:
+    from ..algorithms import ABMLLView, NonFiniteLossError, ReptileView, SnapshotView, inner_loop, make_view
+    from .arguments import MetaTrainingArguments
+    from .trainer import MetaTrainer, TaskCollection
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

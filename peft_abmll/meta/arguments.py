@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Union
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
+from ..algorithms import DEFAULT_INNER_LR
 from ..data import ANSWER_FORMATS, TaskEncoder
 
 logger = logging.getLogger(__name__)
@@ -18,9 +19,6 @@ logger = logging.getLogger(__name__)
 META_ALGORITHMS = ("abmll", "reptile")
 INNER_OPTIMIZERS = ("adamw", "sgd")
 GLOBAL_UPDATES = ("natural", "gradient")
-# Inner-loop and test-time adaptation learning rate. 3e-4 beat 1e-3 and 3e-3 for ABMLL on every seed of the
-# quality benchmark (5 AdamW steps on 10 support examples over-fit at 1e-3); see docs/benchmarks.md.
-DEFAULT_INNER_LR = 3e-4
 
 
 @dataclass

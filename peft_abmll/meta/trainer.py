@@ -27,10 +27,12 @@ from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from transformers import Trainer
 
+from ..adaptation import evaluate_tasks
+from ..algorithms import ABMLLView, NonFiniteLossError, ReptileView, inner_loop, linear_surrogate, query_gradients
 from ..data import EpisodeDataset, EpisodeSampler, prepare_tasks, seeded_torch_rng, unwrap_episode
-from .algorithms import ABMLLView, NonFiniteLossError, ReptileView, inner_loop, linear_surrogate, query_gradients
+from ..hub import write_model_card
 from .arguments import MetaTrainingArguments
-from .safety import CheckpointSafetyMixin
+from .checkpoints import CheckpointSafetyMixin
 
 OUTER_KEY = "__abmll_outer_step__"
 
@@ -301,8 +303,6 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
         """The ABMLL model card (PEFT metadata, settings, a snippet that imports `peft_abmll` first)."""
         if not self.is_world_process_zero():
             return
-        from ..hub import write_model_card
-
         model = self.accelerator.unwrap_model(self.model)
         write_model_card(model, self.args.output_dir or ".", repo_id=getattr(self, "hub_model_id", None))
 
@@ -331,8 +331,6 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
         each evaluates every N-th task and the per-task results are gathered; every process returns the
         same metrics, equal to a single-process evaluation.
         """
-        from ..adaptation import evaluate_tasks  # adaptation imports meta.algorithms: import late
-
         tasks = self.eval_dataset if eval_dataset is None else eval_dataset
         if tasks is None:
             raise ValueError("MetaTrainer.evaluate needs held-out tasks (eval_dataset).")

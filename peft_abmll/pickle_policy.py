@@ -4,7 +4,7 @@ PEFT reads an adapter's weights from ``adapter_model.safetensors`` and, when a f
 back to the pickle file ``adapter_model.bin`` (``torch.load(weights_only=True)``). For ABMLL adapters
 `peft_abmll` refuses that fallback unless the user opts in, either for a block of code::
 
-    from peft_abmll.safety import allow_pickle
+    from peft_abmll import allow_pickle
 
     with allow_pickle():
         model = PeftModel.from_pretrained(base, "old-adapter-folder")
@@ -39,7 +39,6 @@ __all__ = [
     "allow_pickle",
     "install_pickle_guard",
     "pickle_allowed",
-    "save_pretrained_atomic",
 ]
 
 #: Environment variable that, set to ``1`` / ``true`` / ``yes``, allows pickle-based ABMLL adapters process-wide.
@@ -86,7 +85,7 @@ def check_pickle_allowed(filename: str | os.PathLike) -> None:
             f"Refusing to load the pickle-based ABMLL adapter weights {os.fspath(filename)!r}: the folder has no "
             "adapter_model.safetensors, and pickle files can carry code. Re-save the adapter with safetensors "
             "(`model.save_pretrained(path)`, PEFT's default). If you trust this file, opt in explicitly with "
-            f"`with peft_abmll.safety.allow_pickle(): ...` or {ALLOW_PICKLE_ENV}=1 (it is then read with "
+            f"`with peft_abmll.allow_pickle(): ...` or {ALLOW_PICKLE_ENV}=1 (it is then read with "
             "torch.load(weights_only=True))."
         )
 
@@ -113,18 +112,3 @@ def install_pickle_guard() -> bool:
     save_and_load.torch_load = guarded_torch_load
     _installed = guarded_torch_load
     return True
-
-
-def save_pretrained_atomic(model: Any, path: str | os.PathLike, tokenizer: Any = None, **kwargs: Any) -> Path:
-    """``model.save_pretrained(path, **kwargs)`` (+ the tokenizer) that never leaves a half-written folder.
-
-    Everything is written into a sibling temp folder that then takes the place of ``path``
-    (`peft_abmll.assets.cache.replace_dir`): if the save is interrupted, ``path`` keeps the previous adapter.
-    """
-    from .assets.cache import replace_dir
-
-    with replace_dir(path) as tmp:
-        model.save_pretrained(str(tmp), **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-    return Path(path)

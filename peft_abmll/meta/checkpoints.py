@@ -35,8 +35,8 @@ from typing import Any, Optional, Union
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..assets.cache import atomic_write_text
-from .algorithms import NonFiniteLossError
+from ..algorithms import NonFiniteLossError
+from ..files import atomic_write_text, fsync_tree
 
 logger = logging.getLogger("peft_abmll")
 
@@ -64,27 +64,11 @@ def _files(folder: Path) -> dict[str, int]:
     }
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def mark_checkpoint_complete(folder: Union[str, os.PathLike], step: int) -> Path:
     """Flush every file of ``folder`` to disk, then write the completeness marker atomically."""
     folder = Path(folder)
     files = _files(folder)
-    for name in files:
-        _fsync(folder / name)
-    for sub in {folder, *(p for p in folder.rglob("*") if p.is_dir())}:
-        _fsync(sub)
+    fsync_tree(folder)
     payload = {"version": MARKER_VERSION, "global_step": int(step), "files": files}
     return atomic_write_text(folder / CHECKPOINT_MARKER, json.dumps(payload, indent=1, sort_keys=True))
 

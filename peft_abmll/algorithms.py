@@ -1,7 +1,11 @@
-"""Meta-learning verbs around small pure update functions (learn2learn style).
+"""The meta-learning core: views of a model's global / local parameters and the inner loop (learn2learn style).
 
-A *view* tells which parameters are the global (meta-learned) ones and which the local (per-task)
-ones, how to ``reset`` local from global, and what the global update objective is:
+Below both `peft_abmll.adaptation` (test-time adaptation, evaluation) and `peft_abmll.meta` (the
+`MetaTrainer`): it imports the tuner and the pure update functions of `peft_abmll.global_update`, nothing above.
+
+A *view* (the `View` protocol; `MetaView` adds the global step) tells which parameters are the global
+(meta-learned) ones and which the local (per-task) ones, how to ``reset`` local from global, how a task
+starts and ends, and what the global update is:
 
 - `ABMLLView`: the ABMLL adapter's global / local pairs; outer objective
   ``beta * KL(q_local || p_global) - beta * log p(global)``.
@@ -20,24 +24,79 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Optional
+from typing import Optional, Protocol, Union, runtime_checkable
 
 import torch
 from peft import PeftModel
 from torch import nn
 
-from .. import global_update
-from ..tuner.model import ABMLLModel
+from . import global_update
+from .tuner.model import ABMLLModel
 
 __all__ = [
+    "DEFAULT_INNER_LR",
     "ABMLLView",
+    "MetaView",
     "NonFiniteLossError",
     "ReptileView",
     "SnapshotView",
+    "View",
+    "abmll_tuner",
     "inner_loop",
     "linear_surrogate",
     "make_view",
 ]
+
+#: Inner-loop and test-time adaptation learning rate. 3e-4 beat 1e-3 and 3e-3 for ABMLL on every seed of the
+#: quality benchmark (5 AdamW steps on 10 support examples over-fit at 1e-3); see docs/benchmarks.md.
+DEFAULT_INNER_LR = 3e-4
+
+
+@runtime_checkable
+class View(Protocol):
+    """What adapting to one task needs of a model: its local parameters and how a task starts and ends.
+
+    ``beta`` weighs `inner_regularizer` in the inner loss (0 for views without one).
+    """
+
+    beta: float
+
+    def global_params(self) -> list[nn.Parameter]:
+        """The meta-learned parameters (empty when there are none)."""
+        ...
+
+    def local_params(self) -> list[nn.Parameter]:
+        """The per-task parameters the inner loop trains."""
+        ...
+
+    def reset(self) -> None:
+        """Local <- global (or the snapshot)."""
+        ...
+
+    def local_mode(self) -> contextlib.AbstractContextManager[None]:
+        """Inside the block, the forward uses and training moves only the local parameters."""
+        ...
+
+    def inner_regularizer(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """The inner loss's term besides the NLL (already weighted by ``beta``) and its logs."""
+        ...
+
+    def begin_task(self) -> None:
+        """Before adapting to a new task (ABMLL: local <- global)."""
+        ...
+
+    def finish_task(self) -> None:
+        """After adapting (ABMLL: the adapted local posterior becomes the one predictions use)."""
+        ...
+
+
+@runtime_checkable
+class MetaView(View, Protocol):
+    """A `View` that also meta-learns: the direction of the global step after a task's inner loop."""
+
+    def outer_direction(self) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """One tensor per `global_params` entry, in order, and per-step logs."""
+        ...
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -76,6 +135,11 @@ class ABMLLView:
 
     def reset(self) -> None:
         self.tuner.reset_local_to_global()
+
+    begin_task = reset
+
+    def finish_task(self) -> None:
+        self.tuner.set_posterior("local")
 
     @contextlib.contextmanager
     def local_mode(self) -> Iterator[None]:
@@ -188,6 +252,12 @@ class ReptileView:
     def inner_regularizer(self) -> tuple[torch.Tensor, dict[str, float]]:
         return torch.zeros(()), {}
 
+    def begin_task(self) -> None:
+        """Nothing: the MetaTrainer resets local <- global itself; evaluation adapts the local adapter in place."""
+
+    def finish_task(self) -> None:
+        """Nothing: the local adapter is the active one."""
+
     def outer_direction(self) -> tuple[list[torch.Tensor], dict[str, float]]:
         """``global - local``: the step ``global -= eps * direction`` is Reptile's interpolation."""
         direction = global_update.reptile_direction(self.global_params(), self.local_params())
@@ -224,8 +294,14 @@ class SnapshotView:
     def inner_regularizer(self) -> tuple[torch.Tensor, dict[str, float]]:
         return torch.zeros(()), {}
 
+    def begin_task(self) -> None:
+        """Nothing: the trainable parameters are adapted from where they are."""
 
-def make_view(model: nn.Module, beta: Optional[float] = None) -> Any:
+    def finish_task(self) -> None:
+        """Nothing: the adapted parameters are the model's."""
+
+
+def make_view(model: nn.Module, beta: Optional[float] = None) -> Union[ABMLLView, ReptileView, SnapshotView]:
     """`ABMLLView` for an ABMLL model, `ReptileView` if a "meta" LoRA adapter exists, else `SnapshotView`."""
     if abmll_tuner(model) is not None:
         return ABMLLView(model, beta)
@@ -260,7 +336,7 @@ def make_inner_optimizer(
 
 def inner_loop(
     model: nn.Module,
-    view: Any,
+    view: View,
     batches: Sequence[dict[str, torch.Tensor]],
     *,
     lr: float,
@@ -305,7 +381,7 @@ def inner_loop(
 
 def query_gradients(
     model: nn.Module,
-    view: Any,
+    view: View,
     batches: Sequence[dict[str, torch.Tensor]],
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[list[torch.Tensor], float]:
