@@ -36,8 +36,7 @@ from torch import nn
 from peft_abmll.adaptation import evaluate_tasks
 from peft_abmll.algorithms import DEFAULT_INNER_LR
 from peft_abmll.baselines import METHODS, train_method
-from peft_abmll.cli import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
-from peft_abmll.experiment import load_causal_lm, resolve_tasks
+from peft_abmll.experiment import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, load_causal_lm, resolve_tasks
 from peft_abmll.meta.arguments import MetaTrainingArguments
 from peft_abmll.metrics import METRICS, metrics_with_intervals, plot_reliability_diagram
 from peft_abmll.tuner.config import ABMLLConfig

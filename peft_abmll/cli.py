@@ -15,44 +15,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .algorithms import DEFAULT_INNER_LR
+from .experiment import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from .meta.arguments import MetaTrainingArguments
 
 logger = logging.getLogger("peft_abmll")
-
-#: Meta-training and validation task lists of the demo (BIG-bench, multiple choice, <= 4 options).
-DEMO_TRAIN_TASKS = (
-    "multiemo/hotels_sentence_en",
-    "multiemo/products_sentence_en",
-    "vitaminc_fact_verification",
-    "epistemic_reasoning",
-    "fact_checker/fever",
-    "formal_fallacies_syllogisms_negation",
-    "snarks",
-    "movie_dialog_same_or_different",
-    "play_dialog_same_or_different",
-    "social_iqa",
-    "strategyqa",
-    "goal_step_wikihow/goal_inference",
-    "goal_step_wikihow/step_ordering",
-    "physics",
-    "causal_judgment",
-    "moral_permissibility",
-    "misconceptions",
-    "navigate",
-    "hyperbaton",
-    "logical_fallacy_detection",
-    "anachronisms",
-    "temporal_sequences",
-    "question_selection",
-    "entailed_polarity",
-)
-DEMO_EVAL_TASKS = (
-    "multiemo/medicine_sentence_en",
-    "fact_checker/covid19_scientific",
-    "disambiguation_qa",
-    "fantasy_reasoning",
-    "ruin_names",
-)
 
 
 # ----------------------------------------------------------------------------------------------- parser
