@@ -26,19 +26,20 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from peft_abmll.adaptation import evaluate_tasks
 from peft_abmll.algorithms import DEFAULT_INNER_LR
-from peft_abmll.baselines import METHODS, train_method
-from peft_abmll.experiment import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, load_causal_lm, resolve_tasks
+from peft_abmll.baselines import METHODS
+from peft_abmll.evaluation import evaluate_tasks
+from peft_abmll.experiment import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, load_causal_lm, resolve_tasks, run_method
 from peft_abmll.meta.arguments import MetaTrainingArguments
 from peft_abmll.metrics import METRICS, metrics_with_intervals, plot_reliability_diagram
+from peft_abmll.tables import render_table
 from peft_abmll.tuner.config import ABMLLConfig
 from peft_abmll.tuner.layer import ABMLLLayer
 
@@ -142,27 +143,28 @@ def run_one(
         disable_tqdm=True,
     )
     margs = MetaTrainingArguments(**{**settings, **job["args"]})  # a job's own arguments win
-    config = ABMLLConfig(**job["config"])
-    start = time.perf_counter()
     resume = bool(args.save_every) and any(Path(margs.output_dir).glob("checkpoint-*"))  # an interrupted run
-    model = train_method(
+    model, unpruned = run_method(
         job["method"],
         model_fn,
         tokenizer,
         train,
+        held_out,
         margs,
-        config,
+        ABMLLConfig(**job["config"]),
         lora_learning_rate=args.lora_lr,
         resume_from_checkpoint=resume or None,
     )
-    train_s = time.perf_counter() - start
     global_std, mean_rms = median_global_std(model), global_mean_rms(model)
     encoder = margs.task_encoder(tokenizer)
     records = []
     for prune in job["prune"]:
-        start = time.perf_counter()
-        with pruned(model, prune) if prune else nullcontext():
-            result = evaluate_tasks(model, held_out, encoder=encoder, **margs.evaluation_kwargs())
+        result = unpruned
+        if prune:
+            start = time.perf_counter()
+            with pruned(model, prune):
+                result = evaluate_tasks(model, held_out, encoder=encoder, **margs.evaluation_kwargs())
+            result["eval_seconds"] = time.perf_counter() - start
         records.append(
             {
                 "name": job["name"] + (f"-prune{prune:g}" if prune else ""),
@@ -177,8 +179,8 @@ def run_one(
                 # per query example, in task order: what intervals and paired differences are computed from
                 "probs": [[round(p, 6) for p in row] for row in result["probs"]],
                 "labels": result["labels"],
-                "train_seconds": train_s,
-                "eval_seconds": time.perf_counter() - start,
+                "train_seconds": unpruned["train_seconds"],
+                "eval_seconds": result["eval_seconds"],
             }
         )
     return records
@@ -243,14 +245,7 @@ def summarise(records: list[dict[str, Any]], markdown: bool = False) -> str:
         sigma = f"{statistics.mean(stds):.1e}" if stds else "-"
         train_s = f"{statistics.mean(r['train_seconds'] for r in rows):.0f}"
         table.append([name, str(len(rows)), *map(stat, ("accuracy", "ece", "nll", "brier")), sigma, train_s])
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table])
-    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-        for row in [header, *table]
-    )
+    return render_table(header, table, markdown=markdown, sep="  ")
 
 
 def interval_summary(
@@ -268,7 +263,7 @@ def interval_summary(
     pooled = {name: _pooled([r for r in rows if r["name"] == name]) for name in dict.fromkeys(r["name"] for r in rows)}
     names = list(METRICS)
     header = ["configuration", "seeds", "n", *names, *(f"Δ {k} vs {reference}" for k in names)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     ref = pooled.get(reference)
     for name, (probs, labels, groups, seeds) in pooled.items():
         cells = [name, str(len(seeds)), str(len(labels))]
@@ -279,8 +274,8 @@ def interval_summary(
             cells += [_interval(diffs[k], signed=True) for k in names]
         else:
             cells += ["–"] * len(names)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return render_table(header, rows, markdown=True)
 
 
 def paired_summary(
@@ -298,14 +293,14 @@ def paired_summary(
     probs, labels, groups, seeds = pooled[focus]
     names = list(METRICS)
     header = ["baseline", "seeds", "n", *(f"Δ {k} ({focus} − baseline)" for k in names)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name, (other, _, _, other_seeds) in pooled.items():
         if name == focus or other_seeds != seeds:
             continue
         diffs = metrics_with_intervals(probs, labels, groups, other=other, n_resamples=n_resamples)[kind]
         cells = [_interval(diffs[k], signed=True) + _verdict(k, diffs[k]) for k in names]
-        lines.append("| " + " | ".join([name, str(len(seeds)), str(len(labels)), *cells]) + " |")
-    return "\n".join(lines)
+        rows.append([name, str(len(seeds)), str(len(labels)), *cells])
+    return render_table(header, rows, markdown=True)
 
 
 def _verdict(metric: str, diff: dict[str, float]) -> str:

@@ -27,8 +27,8 @@ import torch
 from peft import get_peft_model
 
 from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, TaskEncoder
-from peft_abmll.adaptation import evaluate_tasks
 from peft_abmll.data import seeded_torch_rng
+from peft_abmll.evaluation import evaluate_tasks
 from peft_abmll.metrics import METRICS as ALL_METRICS
 from peft_abmll.metrics import bootstrap_interval
 from peft_abmll.synthetic import best_probabilities, task_family, tiny_lm, tiny_tokenizer

@@ -39,6 +39,7 @@ from peft_abmll.data import prepare_tasks
 from peft_abmll.experiment import load_causal_lm
 from peft_abmll.meta.arguments import MetaTrainingArguments
 from peft_abmll.metrics import accuracy, bootstrap_interval, negative_log_likelihood
+from peft_abmll.tables import render_table
 
 
 def candidates(args: argparse.Namespace) -> list[str]:
@@ -121,26 +122,41 @@ def budget(result: dict[str, Any]) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    header = (
-        "| task | format | n eval / train | oracle steps × batch | chance | zero-shot acc [95 % CI] | oracle acc [CI] "
-        "| oracle − zero-shot [CI] | passes |"
-    )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["task"], r["format"])):
-        if "skipped" in r:
-            lines.append(f"| {r['task']} | {r['format']} | – | – | – | – | – | – | skipped: {r['skipped']} |")
-            continue
+    """The screen as a Markdown table, one row per (task, format)."""
+    header = [
+        "task",
+        "format",
+        "n eval / train",
+        "oracle steps × batch",
+        "chance",
+        "zero-shot acc [95 % CI]",
+        "oracle acc [CI]",
+        "oracle − zero-shot [CI]",
+        "passes",
+    ]
+    rows = [_row(r) for r in sorted(results, key=lambda r: (r["task"], r["format"]))]
+    return render_table(header, rows, markdown=True)
 
-        def ci(stat: dict, signed: bool = False) -> str:
-            f = "{:+.3f}" if signed else "{:.3f}"
-            return f"{f.format(stat['value'])} [{f.format(stat['low'])}, {f.format(stat['high'])}]"
 
-        lines.append(
-            f"| {r['task']} | {r['format']} | {r['n_eval']} / {r['n_train']} | {budget(r)} | {r['chance']:.2f} "
-            f"| {ci(r['zero_shot']['accuracy'])} | {ci(r['oracle']['accuracy'])} "
-            f"| {ci(r['oracle_minus_zero_shot'], True)} | {'yes' if r['passes'] else 'no'} |"
-        )
-    return "\n".join(lines)
+def _row(r: dict[str, Any]) -> list[str]:
+    if "skipped" in r:
+        return [r["task"], r["format"], *["–"] * 6, f"skipped: {r['skipped']}"]
+    return [
+        r["task"],
+        r["format"],
+        f"{r['n_eval']} / {r['n_train']}",
+        budget(r),
+        f"{r['chance']:.2f}",
+        _ci(r["zero_shot"]["accuracy"]),
+        _ci(r["oracle"]["accuracy"]),
+        _ci(r["oracle_minus_zero_shot"], signed=True),
+        "yes" if r["passes"] else "no",
+    ]
+
+
+def _ci(stat: dict, signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(stat['value'])} [{f.format(stat['low'])}, {f.format(stat['high'])}]"
 
 
 def choose_split(results: list[dict[str, Any]], answer_format: str, seed: int = 0) -> dict[str, Any]:

@@ -20,7 +20,8 @@ register()
 _EXPORTS = {
     "adapt": "peft_abmll.adaptation",
     "adaptation_scope": "peft_abmll.adaptation",
-    "evaluate_tasks": "peft_abmll.adaptation",
+    "evaluate_tasks": "peft_abmll.evaluation",
+    "EvaluationProtocol": "peft_abmll.evaluation",
     "predict_proba": "peft_abmll.adaptation",
     "save_adapted": "peft_abmll.adaptation",
     "TaskEncoder": "peft_abmll.data",
@@ -36,9 +37,10 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .adaptation import adapt, adaptation_scope, evaluate_tasks, predict_proba, save_adapted
+    from .adaptation import adapt, adaptation_scope, predict_proba, save_adapted
     from .algorithms import NonFiniteLossError
     from .data import TaskEncoder, format_prompt, prepare_tasks
+    from .evaluation import EvaluationProtocol, evaluate_tasks
     from .export import export_lora
     from .files import save_pretrained_atomic
     from .hub import push_to_hub
@@ -65,6 +67,7 @@ __all__ = [
     "ABMLLLayer",
     "ABMLLModel",
     "ABMLLPeftType",
+    "EvaluationProtocol",
     "MetaTrainer",
     "MetaTrainingArguments",
     "NonFiniteLossError",

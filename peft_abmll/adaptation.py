@@ -10,9 +10,7 @@ save_adapted(model, "my-task-adapter")                      # the adapted poster
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
-import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,21 +25,18 @@ from .algorithms import DEFAULT_INNER_LR, SnapshotView, abmll_tuner, inner_loop,
 from .data import (
     ANSWER_FORMATS,
     LetterCollisionError,
-    TaskData,
     TaskEncoder,
     as_examples,
-    prepare_tasks,
-    seeded_torch_rng,
 )
 from .files import save_pretrained_atomic
-from .metrics import classification_metrics, plot_reliability_diagram
 from .tuner.model import ABMLLModel
 
 logger = logging.getLogger("peft_abmll")
 Examples = Sequence[Mapping[str, Any]]
 
 
-def _encoder(tokenizer: Any, encoder: Optional[TaskEncoder]) -> TaskEncoder:
+def encoder_for(tokenizer: Any, encoder: Optional[TaskEncoder]) -> TaskEncoder:
+    """`encoder` if given, else a default `TaskEncoder` of `tokenizer`."""
     if encoder is not None:
         return encoder
     if tokenizer is None:
@@ -83,8 +78,8 @@ def adapt(
 
     ABMLL: the local posterior is reset to the global one, trained for `steps` steps on
     NLL + beta * KL(local || global), and made the active posterior (so `predict_proba`, `merge` and
-    `save_pretrained` use it). Any other PeftModel: its trainable parameters are trained in place (call
-    `restore` on the returned view's snapshot via `adaptation_scope` to undo).
+    `save_pretrained` use it). Any other PeftModel: its trainable parameters are trained in place. Adapt inside
+    ``with adaptation_scope(model):`` to undo the adaptation when the block ends.
 
     Batches cycle through the support examples in a seeded order, `batch_size` per step.
     `lr` None: the rate the ABMLL adapter was meta-learned for (`adaptation_learning_rate`, saved in its
@@ -97,7 +92,7 @@ def adapt(
         raise ValueError(f"Cannot adapt to task {task!r}: no support examples given.")
     support = as_examples(support, f"support examples of task {task!r}")
     lr = adaptation_learning_rate(model) if lr is None else lr
-    enc = _encoder(tokenizer, encoder)
+    enc = encoder_for(tokenizer, encoder)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(support))
     batches = []
@@ -167,7 +162,7 @@ def predict_proba(
     Returns:
         ``(len(examples), max choices)`` float32; invalid options are 0; rows sum to 1.
     """
-    enc = _encoder(tokenizer, encoder)
+    enc = encoder_for(tokenizer, encoder)
     examples = as_examples(examples, "predict_proba examples")
     shots = as_examples(shots, "in-context examples") if num_shots > 0 and _non_empty(shots) else []
     width = max(len(e["choices"]) for e in examples)
@@ -217,7 +212,7 @@ def _option_probs(
     model: nn.Module, enc: TaskEncoder, example: Mapping[str, Any], shots: Examples, samples: int
 ) -> torch.Tensor:
     """``(num choices,)``: softmax of each option's mean token log-likelihood, averaged over posterior samples."""
-    encoded = [enc.encode_option(example, j, shots) for j in range(len(example["choices"]))]
+    encoded = enc.encode_options(example, shots)
     batch = _to(enc.collate(encoded), _device(model))
     labels = batch.pop("labels")
     width = batch["input_ids"].shape[1]
@@ -365,168 +360,3 @@ def save_adapted(model: nn.Module, path: Union[str, Path]) -> Path:
         raise TypeError("save_adapted needs an ABMLL PeftModel; for other models use save_pretrained.")
     save_pretrained_atomic(cast(PeftModel, model), path)  # an interrupted save keeps the previous folder
     return Path(path)
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-def evaluate_tasks(
-    model: nn.Module,
-    tasks: TaskData,
-    *,
-    tokenizer: Any = None,
-    encoder: Optional[TaskEncoder] = None,
-    support_batches: int = 5,
-    batch_size: int = 2,
-    lr: Optional[float] = None,
-    optimizer: str = "adamw",
-    beta: Optional[float] = None,
-    num_samples: Optional[int] = None,
-    scoring: Optional[str] = None,
-    max_query: Optional[int] = None,
-    num_shots: int = 0,
-    max_choices: int = 4,
-    n_bins: int = 15,
-    seed: int = 0,
-    output_dir: Optional[Union[str, Path]] = None,
-    name: str = "model",
-    accelerator: Any = None,
-) -> dict[str, Any]:
-    """Held-out-task protocol: per task adapt on `support_batches` x `batch_size` examples, predict the rest.
-
-    Every adaptation is undone before the next task; `lr` None means `adaptation_learning_rate(model)`. Each task's
-    randomness (support order, training noise of the adaptation) is seeded from (`seed`, task index in name order),
-    so a task's result does not depend on the other tasks or on the process that evaluates it. Returns per-task and
-    macro metrics (accuracy, ECE, NLL, Brier) plus ``pooled`` metrics over all query examples; with `output_dir`,
-    also writes ``<name>_results.json`` and ``<name>_reliability.png``.
-
-    With `accelerator` (an `accelerate.Accelerator` or `PartialState`) running N processes, every
-    process must call this: process ``p`` evaluates the tasks ``p, p + N, ...``, the per-task results
-    are gathered (``accelerate.utils.gather_object``), every process returns the same results (equal to
-    a single-process run), and only the main process writes files.
-    """
-    lr = adaptation_learning_rate(model) if lr is None else lr
-    grouped = prepare_tasks(tasks, max_choices)
-    enc = _encoder(tokenizer, encoder)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    n_support = support_batches * batch_size
-    runnable = []
-    for t, (task, examples) in enumerate(sorted(grouped.items())):
-        if len(examples) > n_support:
-            runnable.append((t, task, examples))
-        elif rank == 0:
-            logger.warning("Eval task %r has %d examples, needs more than %d; skipped.", task, len(examples), n_support)
-    run = functools.partial(
-        _evaluate_task,
-        model,
-        encoder=enc,
-        support_batches=support_batches,
-        batch_size=batch_size,
-        lr=lr,
-        optimizer=optimizer,
-        beta=beta,
-        num_samples=num_samples,
-        scoring=scoring,
-        max_query=max_query,
-        num_shots=num_shots,
-        seed=seed,
-    )
-    outcomes = [run(t, task, examples) for t, task, examples in runnable[rank::world]]
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        outcomes = gather_object(outcomes)
-    outcomes.sort(key=lambda outcome: outcome[0])  # task order, whatever process evaluated each task
-    if not outcomes:
-        raise ValueError("No evaluation task had enough examples for the support set plus a query example.")
-    per_task = {
-        task: {**classification_metrics(probs, labels, n_bins), "n": len(labels)} for _, task, probs, labels in outcomes
-    }
-    all_probs = torch.cat([_pad(probs, max_choices) for *_, probs, _ in outcomes])
-    all_labels = torch.cat([labels for *_, labels in outcomes])
-    results = _summarise(per_task, all_probs, all_labels, n_bins)
-    if output_dir is not None and rank == 0:
-        write_results(results, {name: (all_probs, all_labels)}, output_dir, name, n_bins)
-    return results
-
-
-def _evaluate_task(
-    model: nn.Module,
-    t: int,
-    task: str,
-    examples: list[dict[str, Any]],
-    *,
-    encoder: TaskEncoder,
-    support_batches: int,
-    batch_size: int,
-    lr: float,
-    optimizer: str,
-    beta: Optional[float],
-    num_samples: Optional[int],
-    scoring: Optional[str],
-    max_query: Optional[int],
-    num_shots: int,
-    seed: int,
-) -> tuple[int, str, torch.Tensor, torch.Tensor]:
-    """Adapt to task number `t` and predict its query examples: ``(t, task, probs, labels)`` on the CPU."""
-    n_support = support_batches * batch_size
-    order = np.random.default_rng([seed, t]).permutation(len(examples))
-    support = [examples[i] for i in order[:n_support]]
-    query = [examples[i] for i in order[n_support:]][:max_query]
-    with adaptation_scope(model), seeded_torch_rng(seed, t):
-        if support_batches > 0:
-            adapt(
-                model,
-                support,
-                encoder=encoder,
-                steps=support_batches,
-                batch_size=batch_size,
-                lr=lr,
-                optimizer=optimizer,
-                beta=beta,
-                num_shots=num_shots,
-                seed=seed + t,
-                task=task,
-            )
-        probs = predict_proba(
-            model,
-            query,
-            encoder=encoder,
-            num_samples=num_samples,
-            scoring=scoring,
-            shots=support,
-            num_shots=num_shots,
-            seed=seed + t,
-        )
-    return t, task, probs.cpu(), torch.tensor([e["label"] for e in query])
-
-
-def _pad(probs: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(probs, (0, max(0, width - probs.shape[1])))
-
-
-def _summarise(per_task: dict[str, dict], probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, Any]:
-    keys = ("accuracy", "ece", "nll", "brier")
-    macro = {k: float(np.mean([m[k] for m in per_task.values()])) for k in keys}
-    return {
-        "macro": macro,
-        "pooled": classification_metrics(probs, labels, n_bins),
-        "per_task": per_task,
-        "probs": probs.tolist(),
-        "labels": labels.tolist(),
-    }
-
-
-def write_results(
-    results: dict[str, Any],
-    curves: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    output_dir: Union[str, Path],
-    name: str,
-    n_bins: int = 15,
-) -> dict[str, Path]:
-    """Write ``<name>_results.json`` (without raw probabilities) and ``<name>_reliability.png``."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    slim = {k: v for k, v in results.items() if k not in ("probs", "labels")}
-    json_path = out / f"{name}_results.json"
-    json_path.write_text(json.dumps(slim, indent=2))
-    png_path = plot_reliability_diagram(curves, out / f"{name}_reliability.png", n_bins)
-    return {"json": json_path, "png": png_path}

@@ -30,7 +30,6 @@ from .meta.arguments import MetaTrainingArguments
 from .meta.trainer import MetaTrainer, _data_seed
 from .tuner.config import ABMLLConfig
 
-METHODS = ("pretrained", "regular_lora", "structured_lora", "reptile", "abmll")
 ADAPTER_INIT_STREAM = 1  # the seed stream of adapter initialisation (episode noise uses (seed, episode code))
 
 
@@ -146,7 +145,7 @@ def train_method(
     resume_from_checkpoint: Union[bool, str, None] = None,
     **trainer_kwargs: Any,
 ) -> PeftModel:
-    """Build and train one method on the same data and budget; returns the trained PeftModel.
+    """Build and train one method of `METHODS` on the same data and budget; returns the trained PeftModel.
 
     ABMLL and Reptile take their global step from ``args.outer_step_size`` and their inner one from
     ``args.inner_learning_rate``. The regular / structured LoRA baselines train at `lora_learning_rate`
@@ -155,36 +154,84 @@ def train_method(
     `resume_from_checkpoint` is passed to ``Trainer.train`` (``True``: the last checkpoint in ``args.output_dir``).
     """
     if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+        raise ValueError(f"Unknown method {method!r}; choose one of {list(METHODS)}.")
     abmll_config = abmll_config or ABMLLConfig()
-    lora_config = lora_config or default_lora_config(abmll_config)
-    if method == "abmll":
-        model: PeftModel = _seeded_peft_model(base_model_fn, abmll_config, args.seed)
-        MetaTrainer(
-            model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, **trainer_kwargs
-        ).train(resume_from_checkpoint=resume_from_checkpoint)
-        return model
-    model = _seeded_peft_model(base_model_fn, lora_config, args.seed)
-    if method == "pretrained":
-        return model
-    if method == "reptile":
-        args = dataclasses.replace(args, meta_algorithm="reptile")
-        MetaTrainer(
-            model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, **trainer_kwargs
-        ).train(resume_from_checkpoint=resume_from_checkpoint)
-        model.delete_adapter("meta")
-        model.set_adapter(model.active_adapter)  # trainable again, like any freshly trained LoRA
-        return model
-    args = dataclasses.replace(args, learning_rate=lora_learning_rate or args.inner_learning_rate)
-    MultiTaskTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        blocked=method == "structured_lora",
-        **trainer_kwargs,
-    ).train(resume_from_checkpoint=resume_from_checkpoint)
+    config = abmll_config if method == "abmll" else lora_config or default_lora_config(abmll_config)
+    model = _seeded_peft_model(base_model_fn, config, args.seed)
+    if method == "regular_lora" or method == "structured_lora":
+        args = dataclasses.replace(args, learning_rate=lora_learning_rate or args.inner_learning_rate)
+    run = Run(model, tokenizer, train_dataset, args, {**trainer_kwargs}, resume_from_checkpoint)
+    METHODS[method].train(run)
     return model
+
+
+@dataclasses.dataclass
+class Run:
+    """One method's training run: the fresh model and everything its trainer needs."""
+
+    model: PeftModel
+    tokenizer: Any
+    train_dataset: Any
+    args: MetaTrainingArguments
+    trainer_kwargs: dict[str, Any]
+    resume_from_checkpoint: Union[bool, str, None]
+
+    def fit(self, trainer_class: Callable[..., Trainer], args: MetaTrainingArguments, **extra: Any) -> None:
+        trainer = trainer_class(
+            model=self.model,
+            args=args,
+            train_dataset=self.train_dataset,
+            processing_class=self.tokenizer,
+            **extra,
+            **self.trainer_kwargs,
+        )
+        trainer.train(resume_from_checkpoint=self.resume_from_checkpoint)
+
+
+def _train_nothing(run: Run) -> None:
+    """The pretrained model: the fresh identity adapter is what test-time adaptation trains."""
+
+
+def _train_abmll(run: Run) -> None:
+    run.fit(MetaTrainer, run.args)
+
+
+def _train_reptile(run: Run) -> None:
+    run.fit(MetaTrainer, dataclasses.replace(run.args, meta_algorithm="reptile"))
+    run.model.delete_adapter("meta")
+    run.model.set_adapter(run.model.active_adapter)  # trainable again, like any freshly trained LoRA
+
+
+def _train_regular_lora(run: Run) -> None:
+    run.fit(MultiTaskTrainer, run.args, blocked=False)
+
+
+def _train_structured_lora(run: Run) -> None:
+    run.fit(MultiTaskTrainer, run.args, blocked=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method of the comparison: its name, what trains (the docs' table), and how."""
+
+    name: str
+    description: str
+    train: Callable[[Run], None]
+
+
+#: Every method, in the order tables list them. `train_method` dispatches through it; the CLI offers its keys.
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("pretrained", "nothing; a fresh identity LoRA adapter for test-time adaptation", _train_nothing),
+        Method("regular_lora", "plain PEFT LoRA, batches shuffled across tasks", _train_regular_lora),
+        Method(
+            "structured_lora", "plain PEFT LoRA, task by task: K consecutive steps per task", _train_structured_lora
+        ),
+        Method("reptile", "LoRA meta-learned by Reptile (MetaTrainer, meta_algorithm='reptile')", _train_reptile),
+        Method("abmll", "ABMLL: a meta-learned Bayesian LoRA (MetaTrainer)", _train_abmll),
+    )
+}
 
 
 def _seeded_peft_model(base_model_fn: Callable[[], nn.Module], config: Any, seed: int) -> PeftModel:

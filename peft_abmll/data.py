@@ -153,6 +153,10 @@ def format_prompt(
     return "\n\n".join(blocks)
 
 
+def _joined(prompt: list[int], answer: list[int]) -> dict[str, Any]:
+    return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer, "prompt_length": len(prompt)}
+
+
 @dataclass
 class TaskEncoder:
     """Turns examples into token ids with the loss on the answer tokens only.
@@ -221,20 +225,34 @@ class TaskEncoder:
         """`encode` with option `choice`'s own text as the answer (what option scoring reads)."""
         return self.encode({**example, "label": choice}, shots, answer_format="option")
 
+    def encode_options(
+        self, example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = ()
+    ) -> list[dict[str, Any]]:
+        """`encode_option` of every option after one prompt, cut to leave room for the longest option.
+
+        Every option is scored in the same context, and the rows share their prompt tokens (which lets
+        option scoring encode the prompt once).
+        """
+        answers = [self.answer_ids({**example, "label": j}, "option") for j in range(len(example["choices"]))]
+        prompt = self._fitted_prompt(example, shots, self.max_length - max(map(len, answers)))
+        return [_joined(prompt, answer) for answer in answers]
+
     def encode(
         self, example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = (), answer_format: Optional[str] = None
     ) -> dict[str, Any]:
         """``input_ids`` and ``labels`` (-100 on the prompt), plus ``prompt_length``."""
         answer = self.answer_ids(example, answer_format)
+        return _joined(self._fitted_prompt(example, shots, self.max_length - len(answer)), answer)
+
+    def _fitted_prompt(self, example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]], budget: int) -> list[int]:
+        """The prompt in at most `budget` tokens: in-context examples dropped first, then cut from the left."""
         prompt = self.prompt_ids(example, shots)
-        budget = self.max_length - len(answer)
         while shots and len(prompt) > budget:
             shots = shots[1:]
             prompt = self.prompt_ids(example, shots)
         if budget < 1:
             raise ValueError(f"max_length={self.max_length} leaves no room for a prompt before the answer.")
-        prompt = prompt[-budget:]
-        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer, "prompt_length": len(prompt)}
+        return prompt[-budget:]
 
     def collate(self, encoded: Sequence[Mapping[str, list[int]]]) -> dict[str, torch.Tensor]:
         """Right-pad a list of `encode` outputs into a batch of tensors."""

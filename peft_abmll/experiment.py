@@ -17,11 +17,12 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from .adaptation import evaluate_tasks
 from .baselines import train_method
+from .evaluation import evaluate_tasks
 from .files import save_pretrained_atomic
 from .meta.arguments import MetaTrainingArguments
 from .metrics import plot_reliability_diagram
+from .tables import render_table
 from .tuner.config import ABMLLConfig
 
 logger = logging.getLogger("peft_abmll")
@@ -118,43 +119,64 @@ def compare_methods(
 ) -> dict[str, Any]:
     """Train each method with the same budget, evaluate all on the held-out tasks, write JSON and a diagram."""
     out = Path(output_dir or args.output_dir or "trainer_output")
-    encoder = args.task_encoder(tokenizer)
     results: dict[str, Any] = {"methods": {}, "settings": _settings(args, abmll_config)}
     curves = {}
     for method in methods:
-        logger.warning("== %s: training (%d episodes budget)", method, args.max_steps)
-        start = time.perf_counter()
-        method_args = _args_for(args, out / method)
-        model = train_method(
+        model, evaluation = run_method(
             method,
             base_model_fn,
             tokenizer,
             train_tasks,
-            method_args,
+            eval_tasks,
+            _args_for(args, out / method),
             abmll_config,
             lora_learning_rate=lora_learning_rate,
-        )
-        train_seconds = time.perf_counter() - start
-        if save_adapters and method != "pretrained":
-            save_pretrained_atomic(model, out / method / "adapter")
-        logger.warning("== %s: evaluating on %d held-out task(s)", method, len(_names(eval_tasks)))
-        evaluation = evaluate_tasks(
-            model,
-            eval_tasks,
-            encoder=encoder,
-            **args.evaluation_kwargs(),
+            adapter_dir=out / method / "adapter" if save_adapters and method != "pretrained" else None,
         )
         curves[method] = (torch.tensor(evaluation.pop("probs")), torch.tensor(evaluation.pop("labels")))
-        results["methods"][method] = {
-            **evaluation,
-            "train_seconds": train_seconds,
-            "eval_seconds": time.perf_counter() - start - train_seconds,
-        }
+        results["methods"][method] = evaluation
         del model
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_reliability_diagram(curves, out / "reliability.png", args.ece_bins)
     return results
+
+
+def run_method(
+    method: str,
+    base_model_fn: Callable[[], nn.Module],
+    tokenizer: Any,
+    train_tasks: Union[Dataset, Mapping[str, Dataset]],
+    eval_tasks: Union[Dataset, Mapping[str, Dataset]],
+    args: MetaTrainingArguments,
+    abmll_config: Optional[ABMLLConfig] = None,
+    lora_learning_rate: Optional[float] = None,
+    adapter_dir: Optional[Union[str, Path]] = None,
+    **train_kwargs: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train one method (`train_method`), save its adapter to `adapter_dir`, evaluate it on `eval_tasks`.
+
+    Returns the trained model and `evaluate_tasks`' results plus ``train_seconds`` and ``eval_seconds``.
+    """
+    logger.warning("== %s: training (%d episodes budget)", method, args.max_steps)
+    start = time.perf_counter()
+    model = train_method(
+        method,
+        base_model_fn,
+        tokenizer,
+        train_tasks,
+        args,
+        abmll_config,
+        lora_learning_rate=lora_learning_rate,
+        **train_kwargs,
+    )
+    train_seconds = time.perf_counter() - start
+    if adapter_dir is not None:
+        save_pretrained_atomic(model, adapter_dir)
+    logger.warning("== %s: evaluating on %d held-out task(s)", method, len(_names(eval_tasks)))
+    start = time.perf_counter()
+    evaluation = evaluate_tasks(model, eval_tasks, encoder=args.task_encoder(tokenizer), **args.evaluation_kwargs())
+    return model, {**evaluation, "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
 
 
 def _names(tasks: Union[Dataset, Mapping[str, Dataset]]) -> list[str]:
@@ -192,11 +214,9 @@ def _settings(args: MetaTrainingArguments, config: Optional[ABMLLConfig]) -> dic
 
 def format_table(results: Mapping[str, Any]) -> str:
     """A plain-text table: method, macro accuracy, ECE, NLL, Brier, training time."""
-    lines = [f"{'method':<16} {'accuracy':>9} {'ECE':>7} {'NLL':>7} {'Brier':>7} {'train s':>8}"]
-    for method, r in results["methods"].items():
-        m = r["macro"]
-        lines.append(
-            f"{method:<16} {m['accuracy']:>9.3f} {m['ece']:>7.3f} {m['nll']:>7.3f} {m['brier']:>7.3f} "
-            f"{r['train_seconds']:>8.0f}"
-        )
-    return "\n".join(lines)
+    rows = [
+        [method, *(f"{r['macro'][k]:.3f}" for k in ("accuracy", "ece", "nll", "brier")), f"{r['train_seconds']:.0f}"]
+        for method, r in results["methods"].items()
+    ]
+    header = ["method", "accuracy", "ECE", "NLL", "Brier", "train s"]
+    return render_table(header, rows, min_widths=[16, 9, 7, 7, 7, 8])

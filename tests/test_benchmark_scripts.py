@@ -90,11 +90,11 @@ def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch
     """``--arg outer_step_size=0.1`` must win over ``--outer-step`` (it used to raise a duplicate-keyword error)."""
     seen = {}
 
-    def fake_train(method, model_fn, tokenizer, train, margs, config, lora_learning_rate=None, **kwargs):
+    def fake_run(method, model_fn, tokenizer, train, held_out, margs, config, **kwargs):
         seen["args"] = margs
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(quality, "train_method", fake_train)
+    monkeypatch.setattr(quality, "run_method", fake_run)
     args = argparse.Namespace(
         work_dir=str(tmp_path),
         steps=1,

@@ -95,6 +95,22 @@ def test_posterior_samples_are_selectable_in_every_verb_and_recorded(tok, family
     )
 
 
+def test_one_protocol_object_or_its_fields_give_the_same_evaluation(tok, family) -> None:
+    """`EvaluationProtocol` is the one carrier of the settings; keyword settings override its fields."""
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig(init_weights=False, init_std=0.2))
+    protocol = peft_abmll.EvaluationProtocol(support_batches=2, max_query=5, lr=1e-2, seed=3)
+    by_object = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, protocol=protocol)
+    by_fields = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, support_batches=2, max_query=5, lr=1e-2, seed=3)
+    assert by_object["probs"] == by_fields["probs"] and by_object["macro"] == by_fields["macro"]
+    assert all(m["n"] == 5 for m in by_object["per_task"].values())
+    other = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, protocol=protocol, seed=4)  # a field override
+    assert other["probs"] != by_object["probs"]
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['support_steps'\]"):
+        peft_abmll.evaluate_tasks(model, family, tokenizer=tok, support_steps=2)
+    args = MetaTrainingArguments(output_dir="/tmp/unused", report_to=[], adaptation_steps=2, eval_max_query=5)
+    assert peft_abmll.EvaluationProtocol(**args.evaluation_kwargs()).support_size == 2 * args.inner_batch_size
+
+
 def test_predict_proba_same_with_and_without_logits_to_keep(tok, family, monkeypatch) -> None:
     from peft_abmll import adaptation
 

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("assets", ["assets", "assets.*", "synthetic"]),
     ("tuner", ["tuner", "tuner.*", "pickle_policy", "registration", "export", "hub"]),
     ("core", ["algorithms"]),
-    ("adaptation", ["adaptation"]),
+    ("adaptation", ["adaptation", "evaluation"]),
     ("trainer", ["meta", "meta.*", "baselines"]),
     ("experiment", ["experiment"]),
     ("cli", ["cli"]),

@@ -80,6 +80,19 @@ def test_option_scoring_averages_posterior_samples(tok) -> None:
     assert not torch.allclose(many, mean, atol=1e-5)
 
 
+def test_a_cut_prompt_is_the_same_for_every_option(tok) -> None:
+    """A prompt longer than max_length is cut once, to fit the longest option: same context, shared tokens."""
+    long = {"question": " ".join(["cat is red"] * 20), "choices": ["x", "one two three four"], "label": 0}
+    enc = TaskEncoder(tok, answer_format="option", max_length=24)
+    rows = enc.encode_options(long)
+    prompts = [r["input_ids"][: r["prompt_length"]] for r in rows]
+    assert prompts[0] == prompts[1] and max(len(r["input_ids"]) for r in rows) == 24
+    assert len(rows[0]["input_ids"]) < 24  # the short option's row is not filled up with more context
+    assert [r["input_ids"][r["prompt_length"] :] for r in rows] == [
+        enc.answer_ids({**long, "label": j}, "option") for j in range(2)
+    ]
+
+
 def test_prefix_cache_keeps_each_posterior_sample(tok, monkeypatch) -> None:
     """A sample drawn for the prompt pass is the one the option pass sees: cached == uncached with S = 3."""
     from peft_abmll import adaptation

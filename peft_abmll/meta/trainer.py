@@ -27,9 +27,9 @@ from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from transformers import Trainer
 
-from ..adaptation import evaluate_tasks
 from ..algorithms import ABMLLView, NonFiniteLossError, ReptileView, inner_loop, linear_surrogate, query_gradients
 from ..data import EpisodeDataset, EpisodeSampler, prepare_tasks, seeded_torch_rng, unwrap_episode
+from ..evaluation import evaluate_tasks
 from ..hub import write_model_card
 from .arguments import MetaTrainingArguments
 from .checkpoints import CheckpointSafetyMixin
@@ -44,6 +44,7 @@ class TaskCollection:
         self.tasks = dict(tasks)
 
     def __len__(self) -> int:
+        """Examples over all tasks (the size the Trainer reports for an eval set); ``len(self.tasks)`` counts tasks."""
         return sum(len(v) for v in self.tasks.values())
 
 
