@@ -163,7 +163,7 @@ def run_one(
         if prune:
             start = time.perf_counter()
             with pruned(model, prune):
-                result = evaluate_tasks(model, held_out, encoder=encoder, **margs.evaluation_kwargs())
+                result = evaluate_tasks(model, held_out, encoder=encoder, protocol=margs.evaluation_protocol())
             result["eval_seconds"] = time.perf_counter() - start
         records.append(
             {

@@ -34,11 +34,13 @@ _EXPORTS = {
     "MetaTrainingArguments": "peft_abmll.meta.arguments",
     "NonFiniteLossError": "peft_abmll.algorithms",
     "allow_pickle": "peft_abmll.pickle_policy",
+    "VariationalLossCallback": "peft_abmll.callbacks",
 }
 
 if TYPE_CHECKING:
     from .adaptation import adapt, adaptation_scope, predict_proba, save_adapted
     from .algorithms import NonFiniteLossError
+    from .callbacks import VariationalLossCallback
     from .data import TaskEncoder, format_prompt, prepare_tasks
     from .evaluation import EvaluationProtocol, evaluate_tasks
     from .export import export_lora
@@ -72,6 +74,7 @@ __all__ = [
     "MetaTrainingArguments",
     "NonFiniteLossError",
     "TaskEncoder",
+    "VariationalLossCallback",
     "__version__",
     "adapt",
     "adaptation_scope",

@@ -143,12 +143,16 @@ class ABMLLView:
 
     @contextlib.contextmanager
     def local_mode(self) -> Iterator[None]:
-        """Forward uses (and training moves) only the local posterior inside the block."""
+        """Forward uses (and training moves) only the local posterior inside the block.
+
+        The loop inside adds its own terms (`inner_regularizer`): the model's own variational loss is off there.
+        """
         previous = self.tuner.abmll_config().posterior
         self.tuner.set_posterior("local")
         self.tuner.set_trainable_posterior("local")
         try:
-            yield
+            with self.tuner.objective_owned():
+                yield
         finally:
             self.tuner.set_posterior(previous)
             self.tuner.set_trainable_posterior(previous)

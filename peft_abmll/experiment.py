@@ -175,7 +175,9 @@ def run_method(
         save_pretrained_atomic(model, adapter_dir)
     logger.warning("== %s: evaluating on %d held-out task(s)", method, len(_names(eval_tasks)))
     start = time.perf_counter()
-    evaluation = evaluate_tasks(model, eval_tasks, encoder=args.task_encoder(tokenizer), **args.evaluation_kwargs())
+    evaluation = evaluate_tasks(
+        model, eval_tasks, encoder=args.task_encoder(tokenizer), protocol=args.evaluation_protocol()
+    )
     return model, {**evaluation, "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
 
 

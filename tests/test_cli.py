@@ -4,10 +4,13 @@ archive under ``$ABMLL_CACHE``, and a local JSONL task file."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import tarfile
@@ -22,6 +25,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_abmll import cli
+from peft_abmll.meta.arguments import MetaTrainingArguments
+from peft_abmll.tuner.config import ABMLLConfig
 
 NOUNS = ["cat", "dog", "fish", "bird", "cow", "sun", "moon", "star", "tree", "rock"]
 COLOURS = ["red", "blue", "green", "black", "white"]
@@ -163,7 +168,7 @@ def test_train_baselines(fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
 
     calls = []
     real = baselines.train_method
-    monkeypatch.setattr(baselines, "train_method", lambda m, *a, **k: calls.append((m, a[2], a[3])) or real(m, *a, **k))
+    monkeypatch.setattr(cli, "train_method", lambda m, *a, **k: calls.append((m, a[2], a[3])) or real(m, *a, **k))
     out = tmp_path / method
     argv = ["train", "--method", method, "--steps", "3", "--output-dir", str(out), *FAST]
     if method == "reptile":
@@ -212,23 +217,28 @@ def test_config_values_and_overrides(tmp_path: Path, suffix: str) -> None:
         "steps": 7,
         "learning-rate": 0.01,
         "first_order": True,
+        "query-batches": 1,  # first_order needs one: MetaTrainingArguments checks it while parsing
         "method": "reptile",
         "target-modules": ["q_proj"],
     }
     text = json.dumps(values) if suffix == ".json" else "\n".join(f"{k}: {json.dumps(v)}" for k, v in values.items())
     config = _write(tmp_path / f"c{suffix}", text)
     args = cli.parse_args(["train", "--config", config])
-    assert (args.model, args.tasks, args.steps, args.learning_rate) == ("my-model", ["a", "b/c"], 7, 0.01)
-    assert args.first_order is True and args.method == "reptile" and args.target_modules == ["q_proj"]
-    assert args.seed == 0  # not in the file: the parser default
+    options, meta = args.options, args.meta
+    assert (options.model, options.tasks, meta.max_steps, meta.learning_rate) == ("my-model", ["a", "b/c"], 7, 0.01)
+    assert meta.first_order is True and options.method == "reptile" and args.abmll_config.target_modules == {"q_proj"}
+    assert meta.seed == 0 and meta.inner_steps == 5  # not in the file: the parser default
+    assert {"model", "tasks", "max_steps", "learning_rate", "first_order", "method", "target_modules"} <= args.given
     args = cli.parse_args(["train", "--config", config, "--steps", "3", "--tasks", "z", "--method", "abmll"])
-    assert (args.steps, args.tasks, args.method, args.model) == (3, ["z"], "abmll", "my-model")
+    assert (args.meta.max_steps, args.options.tasks, args.options.method) == (3, ["z"], "abmll")
+    assert args.options.model == "my-model"
 
 
 def test_config_scalars_are_parsed_like_flags(tmp_path: Path) -> None:
-    config = _write(tmp_path / "c.yaml", "tasks: snarks\nlearning_rate: 1e-3\nsteps: '5'\n")  # YAML: 1e-3 is a str
-    args = cli.parse_args(["train", "--config", config])
-    assert args.tasks == ["snarks"] and args.learning_rate == 1e-3 and args.steps == 5
+    text = "tasks: snarks\nlearning_rate: 1e-3\nsteps: '5'\ninner-lr: '2e-4'\nbatch_size: '3'\n"  # YAML: 1e-3 is a str
+    args = cli.parse_args(["train", "--config", _write(tmp_path / "c.yaml", text)])
+    assert args.options.tasks == ["snarks"] and args.meta.learning_rate == 1e-3 and args.meta.max_steps == 5
+    assert args.meta.inner_learning_rate == 2e-4 and args.meta.inner_batch_size == 3  # aliases as keys
 
 
 @pytest.mark.parametrize(
@@ -265,8 +275,12 @@ def test_config_bad_values(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert f"cannot read config {config}: Expecting property name" in _refused(capsys, ["train", "--config", config])
     missing = str(tmp_path / "missing.yaml")
     assert f"cannot read config {missing}: [Errno 2]" in _refused(capsys, ["train", "--config", missing])
-    with pytest.raises(SystemExit, match=r"c\.yaml must hold a mapping"):
-        cli.main(["train", "--config", _write(tmp_path / "c.yaml", "- a\n- b\n")])
+    config = _write(tmp_path / "c.yaml", "- a\n- b\n")
+    assert f"{config} must hold a mapping" in _refused(capsys, ["train", "--config", config])
+    config = _write(tmp_path / "c.yaml", "steps: many\n")
+    assert f"steps in {config}: invalid value 'many'" in _refused(capsys, ["train", "--config", config])
+    config = _write(tmp_path / "c.yaml", "steps: [1, 2]\n")
+    assert f"steps in {config}: expects one value, got [1, 2]" in _refused(capsys, ["train", "--config", config])
 
 
 def test_config_yaml_python_tags_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -313,41 +327,272 @@ def test_console_script() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["train"], "give --tasks"),
-        (["evaluate"], "give --tasks"),
-        (["adapt", "--task", "x"], "give --adapter"),
+        (["train"], "abmll train: error: give --tasks"),
+        (["evaluate"], "abmll evaluate: error: give --tasks"),
+        (["adapt", "--task", "x"], "abmll adapt: error: give --adapter"),
     ],
 )
-def test_missing_arguments(argv: list[str], message: str) -> None:
-    with pytest.raises(SystemExit, match=message):
-        cli.main(argv)
+def test_missing_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert _one_error_line(capsys, argv).startswith(message)
 
 
-def test_bad_task_specs(fake, tmp_path: Path) -> None:
+def test_bad_task_specs(fake, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from peft_abmll.experiment import resolve_tasks
 
     with pytest.raises(ValueError, match="Unknown BIG-bench task 'nope'"):
         resolve_tasks(["nope"])
     with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         resolve_tasks([str(tmp_path / "missing.jsonl")])
+    argv = ["train", "--model", fake.model, "--tasks", "colours", "gone.csv"]
+    assert _one_error_line(capsys, argv) == "abmll train: error: Task file 'gone.csv' not found."
     with pytest.raises(FileNotFoundError, match=r"gone\.csv"):
-        cli.main(["train", "--model", fake.model, "--tasks", "colours", "gone.csv"])
+        cli.main([*argv, "--debug"])
 
 
 def test_one_inner_learning_rate_default_everywhere(tmp_path: Path) -> None:
     """The benchmark-chosen inner / test-time rate is the default of every entry point."""
     import inspect
 
-    from peft_abmll import MetaTrainingArguments, adapt, evaluate_tasks
+    from peft_abmll import EvaluationProtocol, MetaTrainingArguments, adapt
     from peft_abmll.algorithms import DEFAULT_INNER_LR
 
     args = MetaTrainingArguments(output_dir=str(tmp_path))
     parsed = cli.parse_args(["train", "--model", "m", "--tasks", "t"])
-    assert args.inner_learning_rate == parsed.inner_lr == DEFAULT_INNER_LR
+    assert args.inner_learning_rate == parsed.meta.inner_learning_rate == DEFAULT_INNER_LR
     # adapt / evaluate_tasks: None = the adapter's recorded rate, else DEFAULT_INNER_LR (tests/test_meta_trainer.py)
     assert inspect.signature(adapt).parameters["lr"].default is None
-    assert inspect.signature(evaluate_tasks).parameters["lr"].default is None
-    assert args.evaluation_kwargs()["lr"] == DEFAULT_INNER_LR
-    assert cli.meta_args(parsed, tmp_path).inner_learning_rate == DEFAULT_INNER_LR
+    assert EvaluationProtocol().lr is None  # evaluate_tasks(..., lr=...) overrides the protocol's
+    assert args.evaluation_protocol().lr == DEFAULT_INNER_LR
+    assert parsed.meta.evaluation_protocol().lr == DEFAULT_INNER_LR
     custom = MetaTrainingArguments(output_dir=str(tmp_path), inner_learning_rate=1e-3)
-    assert custom.evaluation_kwargs()["lr"] == 1e-3  # test-time rate follows the inner one unless set
+    assert custom.evaluation_protocol().lr == 1e-3  # test-time rate follows the inner one unless set
+
+
+# ----------------------------------------------------------------------------------------------- options
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if a.dest == "command").choices[command]
+
+
+def _default(f: dataclasses.Field) -> object:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_defaults_are_the_dataclass_defaults_but_the_presets(command: str) -> None:
+    parser = _command_parser(command)
+    fields: dict[str, dataclasses.Field] = {}
+    for dtype in parser.dataclass_types:  # a name already taken keeps its first field (train: the CLI's --debug)
+        fields.update({f.name: f for f in dataclasses.fields(dtype) if f.init and f.name not in fields})
+    presets, seen = cli.PRESETS[command], set()
+    for action in parser._actions:
+        if action.dest not in fields or isinstance(action, argparse._StoreFalseAction) or action.dest in seen:
+            continue
+        seen.add(action.dest)
+        expected = presets.get(action.dest, _default(fields[action.dest]))
+        assert action.default == expected, action.dest
+    assert seen == set(fields) and fields["debug"].metadata["help"] == "Print the full traceback of an error."
+    assert set(presets) <= seen and f"output_dir={presets['output_dir']}" in parser.description
+    assert parser.get_default("max_length") == (256 if command == "demo" else 512)
+    assert parser.get_default("seed") == 0 and parser.get_default("output_dir") == "abmll-output"
+
+
+def test_generated_options_copy_the_dataclass_fields() -> None:
+    meta_fields = {f.name: f for f in dataclasses.fields(MetaTrainingArguments)}
+    for f in dataclasses.fields(cli.MetaOptions):
+        assert dict(f.metadata) == dict(meta_fields[f.name].metadata) and f.default == meta_fields[f.name].default
+    assert cli.MetaOptions.__dataclass_fields__["inner_batch_size"].metadata["aliases"] == ["--batch-size"]
+    config_fields = {f.name: f for f in dataclasses.fields(ABMLLConfig)}
+    for f in dataclasses.fields(cli.AdapterOptions):
+        source = config_fields[f.name]
+        assert f.default is None and f.metadata["help"].startswith(source.metadata["help"])
+        assert f.metadata["help"].endswith(f"(default: {source.default!r}, ABMLLConfig's)")
+    assert cli.AdapterOptions.__dataclass_fields__["r"].metadata["help"].endswith("(default: 8, ABMLLConfig's)")
+    # the one name the CLI's options share with MetaTrainingArguments: --debug (see cli._Parser)
+    assert {f.name for f in dataclasses.fields(cli.TrainOptions)} & set(meta_fields) == {"debug"}
+    assert {f.name for f in dataclasses.fields(cli.AdapterOptions)} & set(meta_fields) == set()
+
+
+OLD_FLAGS = {  # flag of the argparse CLI -> (MetaTrainingArguments field, value, parsed value)
+    "--steps": ("max_steps", "7", 7),
+    "--batch-size": ("inner_batch_size", "3", 3),
+    "--adapt-steps": ("adaptation_steps", "4", 4),
+    "--adapt-lr": ("adaptation_learning_rate", "0.002", 0.002),
+    "--num-samples": ("eval_num_samples", "5", 5),
+    "--max-query": ("eval_max_query", "6", 6),
+    "--inner-lr": ("inner_learning_rate", "0.003", 0.003),
+    "--tasks-per-update": ("gradient_accumulation_steps", "2", 2),
+    "--resume": ("resume_from_checkpoint", "latest", "latest"),
+}
+
+
+def test_old_and_hf_flag_spellings_set_the_same_fields() -> None:
+    defaults = cli.parse_args(["train", "--tasks", "t"]).meta
+    old = cli.parse_args(["train", "--tasks", "t", *(s for flag, (_, v, _) in OLD_FLAGS.items() for s in (flag, v))])
+    hf = cli.parse_args(["train", "--tasks", "t", *(s for _, (n, v, _) in OLD_FLAGS.items() for s in (f"--{n}", v))])
+    for flag, (name, _, value) in OLD_FLAGS.items():
+        assert getattr(old.meta, name) == getattr(hf.meta, name) == value != getattr(defaults, name), flag
+    assert old.given == hf.given == {"tasks", *(name for name, _, _ in OLD_FLAGS.values())}
+    evaluate = ["evaluate", "--tasks", "t", "--batch-size", "3", "--adapt-lr", "0.002", "--max-query", "6"]
+    meta = cli.parse_args([*evaluate, "--num-samples", "5", "--adapt-steps", "4", "--max-length", "64"]).meta
+    assert (meta.inner_batch_size, meta.adaptation_learning_rate, meta.eval_max_query) == (3, 0.002, 6)
+    assert (meta.eval_num_samples, meta.adaptation_steps, meta.max_length) == (5, 4, 64)
+
+
+def test_save_and_eval_steps_alone_switch_on_step_strategies() -> None:
+    meta = cli.parse_args(["train", "--tasks", "t"]).meta
+    assert (meta.save_strategy, meta.eval_strategy) == ("no", "no")
+    meta = cli.parse_args(["train", "--tasks", "t", "--save-steps", "10", "--eval-steps", "5"]).meta
+    assert (meta.save_strategy, meta.save_steps, meta.eval_strategy, meta.eval_steps) == ("steps", 10, "steps", 5)
+    meta = cli.parse_args(["train", "--tasks", "t", "--save-steps", "10", "--save_strategy", "no"]).meta
+    assert (meta.save_strategy, meta.save_steps) == ("no", 10)  # an explicit strategy wins
+
+
+def test_demo_budget_and_adapter_config() -> None:
+    quick, full = cli.parse_args(["demo", "--quick"]), cli.parse_args(["demo"])
+    assert (quick.meta.max_steps, quick.meta.eval_max_query, full.meta.max_steps, full.meta.eval_max_query) == (
+        4,
+        8,
+        24,
+        32,
+    )
+    assert (full.meta.learning_rate, full.meta.save_strategy, full.meta.max_length, full.meta.seed) == (
+        1e-3,
+        "no",
+        256,
+        0,
+    )
+    assert full.options.methods == ["pretrained", "regular_lora", "abmll"] and full.abmll_config == ABMLLConfig()
+    config = cli.parse_args(["train", "--tasks", "t", "--scale-type", "softplus", "--beta", "0.5"]).abmll_config
+    assert (config.scale_type, config.sampling, config.beta, config.r) == ("softplus", "weight", 0.5, 8)
+
+
+def test_training_arguments_options_reach_train(fake, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An option of TrainingArguments the old CLI lacked reaches the MetaTrainingArguments `train_method` gets."""
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def capture(method, model_fn, tokenizer, tasks, margs, config, **kwargs):
+        seen.update(method=method, tasks=sorted(tasks), margs=margs, config=config, kwargs=kwargs)
+        raise Stop
+
+    monkeypatch.setattr(cli, "train_method", capture)
+    argv = ["train", "--model", fake.model, "--tasks", fake.local, "--method", "reptile", "--resume", "latest"]
+    with pytest.raises(Stop):
+        cli.main([*argv, "--warmup_steps", "2", "--weight-decay", "0.1", "--lr_scheduler_type", "constant"])
+    margs = seen["margs"]
+    assert isinstance(margs, MetaTrainingArguments) and seen["method"] == "reptile" and seen["tasks"] == ["local_words"]
+    assert (margs.warmup_steps, margs.weight_decay, margs.lr_scheduler_type) == (2, 0.1, "constant")
+    assert (margs.max_steps, margs.learning_rate, margs.logging_steps, margs.seed, margs.max_length) == (
+        100,
+        1e-3,
+        5,
+        0,
+        512,
+    )
+    assert seen["kwargs"] == {"resume_from_checkpoint": True}  # 'latest': the newest complete checkpoint
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def _one_error_line(capsys: pytest.CaptureFixture, argv: list[str], status: int = 2) -> str:
+    """Run `argv`; expect exit `status` and exactly one line on stderr, no traceback; return that line."""
+    import datasets
+
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # the tasks loaded before the error draw bars on stderr
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+    err = capsys.readouterr().err
+    assert code == status, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--tasks", "t", "--steps", "-3"], "--steps must be a positive number of episodes"),
+        (["train", "--tasks", "t", "--max_steps", "0"], "--steps must be a positive number of episodes"),
+        (["demo", "--steps", "0"], "--steps must be a positive number of episodes"),
+        (["train", "--tasks", "t", "--inner-lr", "nan"], "--inner-lr must be a finite number > 0, got nan"),
+        (["train", "--tasks", "t", "--learning_rate", "inf"], "--learning-rate must be a finite number > 0, got inf"),
+        (["evaluate", "--tasks", "t", "--adapt-lr", "-1"], "--adapt-lr must be a finite number > 0, got -1.0"),
+        (["train", "--tasks", "t", "--method", "nope"], "argument --method: invalid choice: 'nope'"),
+        (["demo", "--methods", "abmll", "nope"], "--methods: invalid choice 'nope'"),
+        (["adapt", "--adapter", "a", "--task", "t", "--support", "0"], "--support must be >= 1, got 0"),
+        (["train", "--tasks", "t", "--max-length", "0"], "max_length=0 must be >= 1"),  # MetaTrainingArguments
+        (["train", "--tasks", "t", "--r", "0"], "ABMLLConfig: invalid r=0"),  # ABMLLConfig
+        (["train", "--tasks", "t", "--scale-type", "softplus", "--sampling", "local"], "sampling='local' needs"),
+        (["evaluate", "--tasks", "t", "--steps", "3"], "unrecognized arguments: --steps 3"),
+    ],
+)
+def test_bad_values_stop_before_loading(
+    argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from peft_abmll import experiment
+
+    for name in ("load_causal_lm", "resolve_tasks"):
+        monkeypatch.setattr(experiment, name, lambda *a, **k: pytest.fail("loaded before the values were checked"))
+    line = _one_error_line(capsys, argv)
+    assert line.startswith("abmll") and ": error: " in line and message in line, line
+
+
+def test_debug_shows_the_dataclasses_errors() -> None:
+    with pytest.raises(ValueError, match="max_length=0 must be >= 1"):
+        cli.main(["train", "--tasks", "t", "--max-length", "0", "--debug"])
+
+
+def test_malformed_task_files_name_file_and_line(tmp_path: Path) -> None:
+    from peft_abmll.assets import load_task_file
+
+    good = json.dumps({"question": "q", "choices": ["a", "b"], "label": 0})
+    jsonl = _write(tmp_path / "tasks.jsonl", f'{good}\n\n{{"question": "q" "choices": []}}\n')
+    with pytest.raises(ValueError, match=r"tasks\.jsonl line 3: not valid JSON \(Expecting ',' delimiter, column 18\)"):
+        load_task_file(jsonl)
+    whole = _write(tmp_path / "tasks.json", f'[\n{good},\n{{"question": "q",, "label": 0}}\n]')
+    with pytest.raises(ValueError, match=r"tasks\.json line 3: not valid JSON \(Expecting property name"):
+        load_task_file(whole)
+
+
+def test_command_errors_are_one_line(fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Unknown task, malformed task file, missing adapter: one line, exit 2, before the model loads."""
+    from peft_abmll import experiment
+
+    jsonl = _write(tmp_path / "bad.jsonl", '{"question": "q", "choices": ["a", "b"], "label": 0}\n{"question"}\n')
+    missing = str(tmp_path / "no-adapter")
+    cases = [
+        (["train", "--tasks", "colours", "nope"], "Unknown BIG-bench task 'nope'"),
+        (["evaluate", "--tasks", jsonl], f"{jsonl} line 2: not valid JSON (Expecting ':' delimiter, column 12)"),
+        (["evaluate", "--tasks", fake.local, "--adapter", missing], f"--adapter {missing}: Can't find"),
+        (["adapt", "--task", "held_out", "--adapter", missing], f"--adapter {missing}: Can't find"),
+    ]
+    monkeypatch.setattr(experiment, "load_causal_lm", lambda *a: pytest.fail("model loaded before the error"))
+    for argv, message in cases:
+        line = _one_error_line(capsys, [*argv, "--model", fake.model])
+        assert line.startswith(f"abmll {argv[0]}: error: ") and message in line, line
+        with pytest.raises(ValueError, match=re.escape(message)):
+            cli.main([*argv, "--model", fake.model, "--debug"])
+        capsys.readouterr()  # the progress bars of the tasks loaded before the error
+
+
+def test_non_finite_loss_exits_1(fake, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from peft_abmll.algorithms import NonFiniteLossError
+
+    def diverge(*args, **kwargs):
+        raise NonFiniteLossError("non-finite loss (nan) at step 3, task 'local_words'")
+
+    monkeypatch.setattr(cli, "train_method", diverge)
+    argv = ["train", "--model", fake.model, "--tasks", fake.local]
+    assert _one_error_line(capsys, argv, status=1) == (
+        "abmll train: error: non-finite loss (nan) at step 3, task 'local_words'"
+    )
+    with pytest.raises(NonFiniteLossError):
+        cli.main([*argv, "--debug"])

@@ -77,9 +77,9 @@ def test_posterior_samples_are_selectable_in_every_verb_and_recorded(tok, family
         inner_learning_rate=1e-2,
     )
     trainer = MetaTrainer(model=model, args=args, train_dataset=family, eval_dataset=family, processing_class=tok)
-    protocol = {**args.evaluation_kwargs(), "num_samples": 1}
-    mean_metrics = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, **protocol)
-    sampled = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, **{**protocol, "num_samples": 4})
+    protocol = args.evaluation_protocol(num_samples=1)
+    mean_metrics = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, protocol=protocol)
+    sampled = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, protocol=protocol, num_samples=4)
     assert trainer.evaluate()["eval_nll"] == pytest.approx(sampled["macro"]["nll"], rel=1e-6)
     assert sampled["macro"]["nll"] != pytest.approx(mean_metrics["macro"]["nll"], rel=1e-6)
     trainer.train()
@@ -108,7 +108,7 @@ def test_one_protocol_object_or_its_fields_give_the_same_evaluation(tok, family)
     with pytest.raises(TypeError, match=r"unknown setting\(s\) \['support_steps'\]"):
         peft_abmll.evaluate_tasks(model, family, tokenizer=tok, support_steps=2)
     args = MetaTrainingArguments(output_dir="/tmp/unused", report_to=[], adaptation_steps=2, eval_max_query=5)
-    assert peft_abmll.EvaluationProtocol(**args.evaluation_kwargs()).support_size == 2 * args.inner_batch_size
+    assert args.evaluation_protocol().support_size == 2 * args.inner_batch_size
 
 
 def test_predict_proba_same_with_and_without_logits_to_keep(tok, family, monkeypatch) -> None:

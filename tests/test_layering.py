@@ -19,12 +19,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "peft_abmll"
 
 #: Lowest first. Patterns are module names relative to the package.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["_version", "peft_type", "bayes", "fused", "global_update", "metrics", "data", "files"]),
+    ("foundation", ["_version", "peft_type", "bayes", "fused", "global_update", "metrics", "tables", "data", "files"]),
     ("assets", ["assets", "assets.*", "synthetic"]),
     ("tuner", ["tuner", "tuner.*", "pickle_policy", "registration", "export", "hub"]),
     ("core", ["algorithms"]),
     ("adaptation", ["adaptation", "evaluation"]),
-    ("trainer", ["meta", "meta.*", "baselines"]),
+    ("trainer", ["meta", "meta.*", "baselines", "callbacks"]),
     ("experiment", ["experiment"]),
     ("cli", ["cli"]),
 ]

@@ -211,9 +211,10 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]] | dict[str, Any], list[
     """Rows (or a BIG-bench task dict) and column names of a JSON / JSONL / CSV / parquet file."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        rows = [_json(path, line, number) for number, line in lines if line.strip()]
     elif suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _json(path, path.read_text(encoding="utf-8"))
         if isinstance(data, Mapping) and "examples" in data:
             return dict(data), []
         if isinstance(data, Mapping):  # {"column": [values...]}
@@ -229,6 +230,15 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]] | dict[str, Any], list[
     if not rows:
         raise ValueError(f"Task file {path} holds no rows")
     return rows, list(dict.fromkeys(key for row in rows for key in row))
+
+
+def _json(path: Path, text: str, line: int | None = None) -> Any:
+    """``json.loads(text)``; malformed JSON raises a ValueError naming the file and the line (JSONL: `line`)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"line {line if line is not None else err.lineno}"
+        raise ValueError(f"{path} {where}: not valid JSON ({err.msg}, column {err.colno})") from err
 
 
 def load_task_file(path: str | os.PathLike, task: str | None = None, max_choices: int | None = None) -> Dataset:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ from transformers.trainer_utils import SchedulerType
 
 from ..algorithms import DEFAULT_INNER_LR
 from ..data import ANSWER_FORMATS, TaskEncoder
+from ..evaluation import EvaluationProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +74,40 @@ class MetaTrainingArguments(TrainingArguments):
             "Reptile steps are interpolations, never clipped)."
         },
     )
+    # TrainingArguments fields redefined only to say what they mean for episodes (same type and default)
+    max_steps: int = field(
+        default=-1,
+        metadata={
+            "help": "Global updates of meta-training; each consumes gradient_accumulation_steps task episodes (one "
+            "by default, so max_steps is the number of episodes). -1: num_train_epochs decides, as in "
+            "TrainingArguments.",
+            "aliases": ["--steps"],
+        },
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Task episodes per global update: each task adapts on its own and their update directions are "
+            "averaged.",
+            "aliases": ["--tasks-per-update"],
+        },
+    )
+    resume_from_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint folder to resume meta-training from, or 'latest': the newest complete checkpoint in "
+            "output_dir (episode order and global adapter resume exactly). Read by scripts such as `abmll train`, "
+            "which pass it to MetaTrainer.train.",
+            "aliases": ["--resume"],
+        },
+    )
     inner_steps: int = field(default=5, metadata={"help": "Local gradient steps per task (K; paper: 5)."})
-    inner_batch_size: int = field(default=2, metadata={"help": "Examples per inner step (paper: 2)."})
+    inner_batch_size: int = field(
+        default=2, metadata={"help": "Examples per inner step (paper: 2).", "aliases": ["--batch-size"]}
+    )
     inner_learning_rate: float = field(
-        default=DEFAULT_INNER_LR, metadata={"help": "Learning rate of the inner (local) steps."}
+        default=DEFAULT_INNER_LR,
+        metadata={"help": "Learning rate of the inner (local) steps.", "aliases": ["--inner-lr"]},
     )
     inner_optimizer: Literal["adamw", "sgd"] = field(
         default="adamw", metadata={"help": "Optimizer of the inner steps, fresh for every task ('adamw' or 'sgd')."}
@@ -108,16 +140,33 @@ class MetaTrainingArguments(TrainingArguments):
     max_length: int = field(default=512, metadata={"help": "Maximum tokens per example (the answer is never cut)."})
     max_choices: int = field(default=4, metadata={"help": "Examples with more options are dropped (paper: 4)."})
     adaptation_steps: int = field(
-        default=5, metadata={"help": "Test-time adaptation steps on an unseen task (5 support batches)."}
+        default=5,
+        metadata={
+            "help": "Test-time adaptation steps on an unseen task (5 support batches).",
+            "aliases": ["--adapt-steps"],
+        },
     )
     adaptation_learning_rate: Optional[float] = field(
-        default=None, metadata={"help": "Test-time adaptation learning rate (default: inner_learning_rate)."}
+        default=None,
+        metadata={
+            "help": "Test-time adaptation learning rate (default: inner_learning_rate; `abmll evaluate / adapt`: the "
+            "rate the adapter was meta-trained for, else 3e-4).",
+            "aliases": ["--adapt-lr"],
+        },
     )
     eval_num_samples: Optional[int] = field(
-        default=None, metadata={"help": "Posterior samples averaged at evaluation (default: the adapter's setting)."}
+        default=None,
+        metadata={
+            "help": "Posterior samples averaged at evaluation (default: the adapter's setting).",
+            "aliases": ["--num-samples"],
+        },
     )
     eval_max_query: Optional[int] = field(
-        default=None, metadata={"help": "Cap on query examples per evaluation task (None = all the rest)."}
+        default=None,
+        metadata={
+            "help": "Cap on query examples per evaluation task (None = all the rest).",
+            "aliases": ["--max-query"],
+        },
     )
     ece_bins: int = field(default=15, metadata={"help": "Equal-width bins of the expected calibration error."})
 
@@ -154,21 +203,22 @@ class MetaTrainingArguments(TrainingArguments):
         """The `TaskEncoder` of these arguments (``max_length``, ``answer_format``)."""
         return TaskEncoder(tokenizer, max_length=self.max_length, answer_format=self.answer_format)
 
-    def evaluation_kwargs(self) -> dict[str, Any]:
-        """The `peft_abmll.evaluate_tasks` settings of the held-out-task protocol these arguments describe."""
-        return {
-            "support_batches": self.adaptation_steps,
-            "batch_size": self.inner_batch_size,
-            "lr": self.test_learning_rate,
-            "optimizer": self.inner_optimizer,
-            "beta": self.beta,
-            "num_samples": self.eval_num_samples,
-            "max_query": self.eval_max_query,
-            "num_shots": self.num_shots,
-            "max_choices": self.max_choices,
-            "n_bins": self.ece_bins,
-            "seed": self.seed,
-        }
+    def evaluation_protocol(self, **overrides: Any) -> EvaluationProtocol:
+        """The held-out-task protocol these arguments describe (`peft_abmll.evaluate_tasks`' `protocol`)."""
+        protocol = EvaluationProtocol(
+            support_batches=self.adaptation_steps,
+            batch_size=self.inner_batch_size,
+            lr=self.test_learning_rate,
+            optimizer=self.inner_optimizer,
+            beta=self.beta,
+            num_samples=self.eval_num_samples,
+            max_query=self.eval_max_query,
+            num_shots=self.num_shots,
+            max_choices=self.max_choices,
+            n_bins=self.ece_bins,
+            seed=self.seed,
+        )
+        return dataclasses.replace(protocol, **overrides) if overrides else protocol
 
     @property
     def test_learning_rate(self) -> float:

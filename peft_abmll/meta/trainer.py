@@ -346,7 +346,7 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
             output_dir=self.args.output_dir if self.is_world_process_zero() else None,
             name=f"{metric_key_prefix}_step{self.state.global_step}",
             accelerator=self.accelerator,
-            **self.args.evaluation_kwargs(),
+            protocol=self.args.evaluation_protocol(),
         )
         self.view.reset()
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in results["macro"].items()}

@@ -132,6 +132,16 @@ class ABMLLConfig(PeftConfig):
             "saved before this field existed load with 'sum', the meaning their beta had."
         },
     )
+    loss_beta: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Weight of the variational terms the model adds to its own training loss outside MetaTrainer (a "
+            "plain Trainer, TRL's SFTTrainer, a hand-written loop), like transformers' auxiliary MoE losses: "
+            "KL(local || global) when the local posterior trains, -log p(global) (the hyperprior) when the global "
+            "one trains, reduced per kl_reduction. None (default): beta; 0: NLL only (a noisy LoRA). MetaTrainer and "
+            "`peft_abmll.adapt` add their own terms and switch this off while they run."
+        },
+    )
     prior_a0: float = field(
         default=1.5,
         metadata={
@@ -237,6 +247,11 @@ class ABMLLConfig(PeftConfig):
         return self.lora_alpha / self.r
 
     @property
+    def training_loss_weight(self) -> float:
+        """The weight of the variational terms in the model's own loss: `loss_beta`, else `beta`."""
+        return self.beta if self.loss_beta is None else self.loss_beta
+
+    @property
     def gamma_rate(self) -> float:
         """The Gamma hyperprior's rate: ``prior_b0``, or ``(prior_a0 - 1) * init_std**2`` (mode at init_std)."""
         return (self.prior_a0 - 1.0) * self.init_std**2 if self.prior_b0 is None else self.prior_b0
@@ -274,6 +289,12 @@ class ABMLLConfig(PeftConfig):
             f"a positive std larger than scale_floor={self.scale_floor}, e.g. 1e-3",
         )
         _require(_finite(self.beta) and self.beta >= 0, "beta", self.beta, "a non-negative weight, e.g. 1e-7")
+        _require(
+            self.loss_beta is None or (_finite(self.loss_beta) and self.loss_beta >= 0),
+            "loss_beta",
+            self.loss_beta,
+            "None (= beta) or a non-negative weight (0 turns the variational loss off)",
+        )
         for name in ("prior_a0", "prior_b0", "prior_mean_std"):
             value = getattr(self, name)
             if name == "prior_b0" and value is None:

@@ -106,6 +106,7 @@ class ABMLLModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = ABMLLLayer
+    _objective_owners: int = 0  # > 0 inside `objective_owned` (a meta-learning loop adds its own terms)
     target_module_mapping = TARGET_MODULES_MAPPING
 
     # PEFT only passes this tuner its own config type; BaseTuner annotates the generic PeftConfig.
@@ -207,6 +208,81 @@ class ABMLLModel(BaseTuner):
     def num_adapted_entries(self, adapter_name: Optional[str] = None) -> int:
         """Entries of ``Delta W`` the adapter(s) model, summed over layers (the KL's per-entry denominator)."""
         return sum(layer.out_features * layer.in_features for layer, _ in self.abmll_layers_with_adapter(adapter_name))
+
+    # ----------------------------------------------------------------------------------- the model's own loss
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, called through ``__call__`` so that the loss hook runs on every path."""
+        return self.model(*args, **kwargs)
+
+    def _post_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
+        """Hook the variational terms onto the wrapped model's loss (once per tuner)."""
+        super()._post_injection_hook(model, config, adapter_name)
+        if "_loss_hook" not in self.__dict__:
+            self.__dict__["_loss_hook"] = model.register_forward_hook(self._add_variational_loss, with_kwargs=True)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> Any:
+        """PEFT's unload / merge_and_unload, and the base model it returns carries no ABMLL hook."""
+        hook = self.__dict__.pop("_loss_hook", None)
+        if hook is not None:
+            hook.remove()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    def _add_variational_loss(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        """In training mode, ``loss += training_loss_weight * variational_regularizer`` (see `ABMLLConfig.loss_beta`).
+
+        A forward hook on the wrapped model, so it applies however the model is called (``PeftModel.forward``
+        calls the wrapped model directly, ``PeftModelForCausalLM`` goes through this tuner): any Trainer or loop
+        that minimises ``outputs.loss`` optimises the Bayesian objective. Off inside `objective_owned` (a
+        meta-learning loop adds its own terms), in eval mode, without a loss, and at weight 0. The terms are kept
+        for logging (`pop_loss_logs`).
+        """
+        if not module.training or self._objective_owners or getattr(output, "loss", None) is None:
+            return output
+        if not any(True for _ in self.abmll_layers_with_adapter()):
+            return output
+        weight = self.abmll_config().training_loss_weight
+        if weight == 0:
+            return output
+        regularizer, logs = self.variational_regularizer()
+        store = self.__dict__.setdefault("_loss_logs", {})
+        for key, value in {"nll": output.loss.detach().float().item(), **logs}.items():
+            store.setdefault(key, []).append(value)
+        output.loss = output.loss + weight * regularizer.to(output.loss.device, output.loss.dtype)
+        return output
+
+    def variational_regularizer(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """The variational terms of whatever posterior trains, reduced per ``kl_reduction`` (float32 scalar).
+
+        ``KL(q_local || p_global)`` if the local pairs have ``requires_grad``, ``-log p(global)`` if the global
+        pairs do (both when both train); zero when nothing trains.
+        """
+        total = torch.zeros(())
+        logs: dict[str, float] = {}
+        per_entry = self.abmll_config().kl_reduction == "mean"
+        scale = 1.0 / self.num_adapted_entries() if per_entry else 1.0
+        if any(p.requires_grad for p in self.local_parameters()):
+            kl = self.kl_divergence() * scale
+            total, logs["kl"] = total + kl.cpu(), kl.item()
+        if any(p.requires_grad for p in self.global_parameters()):
+            neg_log_prior = -self.log_prior() * scale
+            total, logs["neg_log_prior"] = total + neg_log_prior.cpu(), neg_log_prior.item()
+        return total, logs
+
+    @contextlib.contextmanager
+    def objective_owned(self) -> Iterator[None]:
+        """Inside the block the forward returns the bare data loss: the caller adds its own terms (no double count)."""
+        self._objective_owners += 1
+        try:
+            yield
+        finally:
+            self._objective_owners -= 1
+
+    def pop_loss_logs(self) -> dict[str, float]:
+        """Means of the loss terms (``nll``, ``kl`` / ``neg_log_prior``) since the last call, then forget them."""
+        store = self.__dict__.setdefault("_loss_logs", {})
+        logs = {f"abmll_{k}": sum(v) / len(v) for k, v in store.items() if v}
+        store.clear()
+        return logs
 
     def kl_divergence(self, adapter_name: Optional[str] = None) -> torch.Tensor:
         """``KL(q_local || p_global)`` summed over every adapted layer (float32 scalar, differentiable)."""
