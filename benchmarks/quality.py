@@ -16,25 +16,31 @@ runs the same adaptation protocol. ``--set KEY=VALUE`` adds one ABMLL configurat
 `ABMLLConfig` field), ``--arg KEY=VALUE`` one ABMLL configuration per `MetaTrainingArguments` field; ABMLL
 records also hold the median global standard deviation after training. ``--num-samples S`` averages S posterior
 samples at prediction (ABMLL; 1 = the posterior mean).
+
+The options are `QualityOptions` plus every `MetaTrainingArguments` field (``--learning_rate``, ``--outer_step_size``,
+``--answer_format``, ``--num_shots``, aliases such as ``--steps`` / ``--inner-lr``), parsed by `HfArgumentParser`
+as in `abmll train`; `PRESETS` lists this benchmark's own defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from peft_abmll.algorithms import DEFAULT_INNER_LR
 from peft_abmll.baselines import METHODS
+from peft_abmll.cli import OptionParser
 from peft_abmll.evaluation import evaluate_tasks
 from peft_abmll.experiment import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, load_causal_lm, resolve_tasks, run_method
 from peft_abmll.meta.arguments import MetaTrainingArguments
@@ -114,7 +120,8 @@ def pruned(model: nn.Module, fraction: float) -> Iterator[None]:
 def run_one(
     job: dict[str, Any],
     seed: int,
-    args: argparse.Namespace,
+    options: QualityOptions,
+    base: MetaTrainingArguments,
     tasks: tuple,
     model_fn: Any,
     tokenizer: Any,
@@ -122,28 +129,14 @@ def run_one(
     """Train `job` once with `seed`; evaluate it unpruned and at each of the job's prune fractions."""
     train, held_out = tasks
     settings = dict(
-        output_dir=str(Path(args.work_dir) / job["name"] / f"seed{seed}"),
-        max_steps=args.steps,
+        output_dir=str(Path(options.work_dir) / job["name"] / f"seed{seed}"),
         seed=seed,
-        learning_rate=args.lr,
-        outer_step_size=args.outer_step,
-        inner_learning_rate=args.inner_lr,
-        eval_num_samples=args.num_samples,
-        answer_format=args.answer_format,
-        adaptation_learning_rate=args.adapt_lr,
-        max_length=args.max_length,
-        eval_max_query=args.max_query,
-        num_shots=args.num_shots,
-        report_to=[],
-        save_strategy="steps" if args.save_every else "no",
-        save_steps=args.save_every or 500,
+        save_strategy="steps" if options.save_every else "no",
+        save_steps=options.save_every or base.save_steps,
         save_total_limit=1,
-        logging_steps=10,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
     )
-    margs = MetaTrainingArguments(**{**settings, **job["args"]})  # a job's own arguments win
-    resume = bool(args.save_every) and any(Path(margs.output_dir).glob("checkpoint-*"))  # an interrupted run
+    margs = dataclasses.replace(base, **{**settings, **job["args"]})  # a job's own arguments win
+    resume = bool(options.save_every) and any(Path(margs.output_dir).glob("checkpoint-*"))  # an interrupted run
     model, unpruned = run_method(
         job["method"],
         model_fn,
@@ -152,7 +145,7 @@ def run_one(
         held_out,
         margs,
         ABMLLConfig(**job["config"]),
-        lora_learning_rate=args.lora_lr,
+        lora_learning_rate=options.lora_lr,
         resume_from_checkpoint=resume or None,
     )
     global_std, mean_rms = median_global_std(model), global_mean_rms(model)
@@ -206,16 +199,16 @@ def parse_argument(text: str) -> tuple[str, Any]:
     return _key_value(text, MetaTrainingArguments.__dataclass_fields__, "--arg", "MetaTrainingArguments")
 
 
-def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+def plan(args: QualityOptions) -> list[dict[str, Any]]:
     """One job (name, method, config/argument overrides, prune fractions) per configuration the flags ask for."""
     prune = [0.0, *(args.prune or [])]
     jobs = [{"name": m, "method": m, "config": {}, "args": {}, "prune": prune} for m in args.methods]
     if "abmll" in args.methods:
         for beta in args.beta or []:
             jobs.append({"name": f"abmll-beta{beta:g}", "method": "abmll", "config": {"beta": beta}, "args": {}})
-        for key, value in args.set or []:
+        for key, value in map(parse_setting, args.set or []):
             jobs.append({"name": f"abmll-{key}={value}", "method": "abmll", "config": {key: value}, "args": {}})
-        for key, value in args.arg or []:
+        for key, value in map(parse_argument, args.arg or []):
             jobs.append({"name": f"abmll-{key}={value}", "method": "abmll", "config": {}, "args": {key: value}})
     for variant in args.variants:
         spec = VARIANTS[variant]
@@ -362,75 +355,100 @@ def plot_pruning(records: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--train-tasks", nargs="+", default=list(DEMO_TRAIN_TASKS))
-    parser.add_argument("--eval-tasks", nargs="+", default=list(DEMO_EVAL_TASKS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS))
-    parser.add_argument("--beta", nargs="*", type=float, default=None, help="ABMLL beta ablation values.")
-    parser.add_argument("--prune", nargs="*", type=float, default=None, help="Pruned fractions of hidden units.")
-    parser.add_argument(
-        "--set", nargs="*", type=parse_setting, default=None, metavar="FIELD=VALUE", help="ABMLLConfig ablations."
-    )
-    parser.add_argument(
-        "--arg", nargs="*", type=parse_argument, default=None, metavar="FIELD=VALUE", help="Meta-training ablations."
-    )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=40, help="Episodes (LoRA baselines: 5x as many steps).")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Step of the first-order term / 'gradient' update.")
-    parser.add_argument("--outer-step", type=float, default=1.0, help="Outer step size eps (ABMLL and Reptile).")
-    parser.add_argument("--num-samples", type=int, default=None, help="Posterior samples averaged at prediction.")
-    parser.add_argument(
-        "--answer-format", default="letter", choices=["letter", "option"], help="What is trained and scored."
-    )
-    parser.add_argument("--inner-lr", type=float, default=DEFAULT_INNER_LR, help="Inner and test-time learning rate.")
-    parser.add_argument("--adapt-lr", type=float, default=None)
-    parser.add_argument("--lora-lr", type=float, default=None, help="Regular / structured LoRA learning rate.")
-    parser.add_argument("--max-query", type=int, default=200)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument(
-        "--split", default=None, help="JSON with 'meta_train' and 'validation' task lists (screen.py --choose-split)."
-    )
-    parser.add_argument("--num-shots", type=int, default=0, help="In-context examples in every prompt (all methods).")
-    parser.add_argument("--focus", default="abmll", help="Configuration compared example by example with every other.")
-    parser.add_argument("--save-every", type=int, default=0, help="Checkpoint every N steps; a rerun resumes from it.")
-    parser.add_argument("--out", default="benchmarks/results/quality.json")
-    parser.add_argument("--work-dir", default="/tmp/abmll-quality")
-    parser.add_argument("--markdown", action="store_true", help="Print the table as Markdown (for docs/).")
-    args = parser.parse_args()
+@dataclass
+class QualityOptions:
+    """What to compare and where the results go; the training and evaluation settings are `MetaTrainingArguments`."""
 
-    if args.split:
-        split = json.loads(Path(args.split).read_text())
-        args.train_tasks, args.eval_tasks = split["meta_train"], split["validation"]
-    model_fn, tokenizer = load_causal_lm(args.model)
-    tasks = (resolve_tasks(args.train_tasks), resolve_tasks(args.eval_tasks))
-    out = Path(args.out)
+    model: str = field(default="smollm2", metadata={"help": "Causal LM (see `peft_abmll.experiment.load_causal_lm`)."})
+    train_tasks: list[str] = field(default_factory=lambda: list(DEMO_TRAIN_TASKS), metadata={"help": "Meta-train."})
+    eval_tasks: list[str] = field(default_factory=lambda: list(DEMO_EVAL_TASKS), metadata={"help": "Held out."})
+    split: Optional[str] = field(
+        default=None,
+        metadata={"help": "JSON with 'meta_train' and 'validation' task lists (screen.py --choose-split)."},
+    )
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": "Methods to compare."})
+    variants: list[str] = field(default_factory=list, metadata={"help": f"ABMLL variants: {', '.join(VARIANTS)}."})
+    beta: Optional[list[float]] = field(default=None, metadata={"help": "ABMLL beta ablation values."})
+    prune: Optional[list[float]] = field(default=None, metadata={"help": "Pruned fractions of hidden units."})
+    set: Optional[list[str]] = field(default=None, metadata={"help": "ABMLLConfig ablations, FIELD=VALUE."})
+    arg: Optional[list[str]] = field(default=None, metadata={"help": "MetaTrainingArguments ablations, FIELD=VALUE."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed."})
+    lora_lr: Optional[float] = field(
+        default=None, metadata={"help": "Regular / structured LoRA learning rate (default: inner_learning_rate)."}
+    )
+    focus: str = field(default="abmll", metadata={"help": "Configuration compared example by example with others."})
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps; a rerun resumes from it."})
+    out: str = field(default="benchmarks/results/quality.json", metadata={"help": "Results JSON (resumed)."})
+    work_dir: str = field(default="/tmp/abmll-quality", metadata={"help": "Checkpoints and trainer outputs."})
+    markdown: bool = field(default=False, metadata={"help": "Print the table as Markdown (for docs/)."})
+
+
+#: This benchmark's settings where they differ from `MetaTrainingArguments`' defaults.
+PRESETS: dict[str, Any] = {
+    "output_dir": "/tmp/abmll-quality",
+    "max_steps": 40,
+    "learning_rate": 1e-3,
+    "max_length": 256,
+    "eval_max_query": 200,
+    "report_to": "none",
+    "save_strategy": "no",
+    "logging_steps": 10,
+    "disable_tqdm": True,
+    "seed": 0,
+}
+
+
+def parse(argv: Optional[list[str]] = None) -> tuple[QualityOptions, MetaTrainingArguments]:
+    """The options and the base `MetaTrainingArguments` (every field a flag, as in `abmll train`)."""
+    parser = OptionParser(
+        (QualityOptions, MetaTrainingArguments),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(**PRESETS, use_cpu=not torch.cuda.is_available())
+    options, base = parser.parse_owned(argv)  # --beta: the ablation list (MetaTrainingArguments.beta stays None)
+    for text in options.set or []:
+        parse_setting(text)  # refuse a bad FIELD=VALUE before anything runs
+    for text in options.arg or []:
+        parse_argument(text)
+    unknown = [m for m in options.methods if m not in METHODS] + [v for v in options.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown method or variant {unknown[0]!r}")
+    if options.split:
+        split = json.loads(Path(options.split).read_text())
+        options.train_tasks, options.eval_tasks = split["meta_train"], split["validation"]
+    return options, base
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    options, base = parse(argv)
+    model_fn, tokenizer = load_causal_lm(options.model)
+    tasks = (resolve_tasks(options.train_tasks), resolve_tasks(options.eval_tasks))
+    out = Path(options.out)
     records = json.loads(out.read_text())["records"] if out.exists() else []
     done = {(r["name"], r["seed"]) for r in records}
-    jobs = plan(args)
+    jobs = plan(options)
+    settings = {"options": dataclasses.asdict(options), "arguments": base.to_json_string()}
     for job in jobs:
-        for seed in args.seeds:
+        for seed in options.seeds:
             if all((name, seed) in done for name in record_names(job)):
                 continue
             print(f"== {job['name']} seed {seed}", file=sys.stderr, flush=True)
-            new = run_one(job, seed, args, tasks, model_fn, tokenizer)
+            new = run_one(job, seed, options, base, tasks, model_fn, tokenizer)
             records = [r for r in records if (r["name"], r["seed"]) not in {(n["name"], seed) for n in new}] + new
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"records": records, "settings": vars(args)}, indent=2))
-    wanted = {name for job in jobs for name in record_names(job)}
-    print(summarise([r for r in records if r["name"] in wanted], markdown=args.markdown))
+            out.write_text(json.dumps({"records": records, "settings": settings}, indent=2))
+    wanted = [r for r in records if r["name"] in {name for job in jobs for name in record_names(job)}]
+    print(summarise(wanted, markdown=options.markdown))
     for kind in ("pooled", "macro"):
         print(f"\n{kind.capitalize()} over seeds and tasks, 95 % bootstrap intervals (resampled within seed x task):")
-        print(interval_summary([r for r in records if r["name"] in wanted], kind=kind))
-        print(f"\n{args.focus} minus each baseline ({kind}), paired on the same examples:")
-        print(paired_summary([r for r in records if r["name"] in wanted], focus=args.focus, kind=kind))
+        print(interval_summary(wanted, kind=kind))
+        print(f"\n{options.focus} minus each baseline ({kind}), paired on the same examples:")
+        print(paired_summary(wanted, focus=options.focus, kind=kind))
     print(f"\nwrote {out}")
-    print(f"wrote {plot_reliability([r for r in records if r['name'] in wanted], out.with_suffix('.reliability.png'))}")
-    if args.prune:
-        png = plot_pruning([r for r in records if r["name"] in wanted], out.with_suffix(".png"))
-        print(f"wrote {png}")
+    print(f"wrote {plot_reliability(wanted, out.with_suffix('.reliability.png'))}")
+    if options.prune:
+        print(f"wrote {plot_pruning(wanted, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ class ABMLLView:
         for layer, name in self.tuner.abmll_layers_with_adapter():
             settings = layer.abmll_settings[name]
             prior = global_update.HyperPrior(
-                self.prior_weight, settings["prior_a0"], settings["prior_b0"], settings["prior_mean_std"]
+                self.prior_weight, settings.prior_a0, settings.gamma_rate, settings.prior_mean_std
             )
             step, stats = global_update.abmll_direction(
                 layer.posterior_factors(name, "global"),

@@ -44,7 +44,7 @@ def inverse_softplus(y: float) -> float:
 
 
 def entry_variance(
-    A: torch.Tensor, B: torch.Tensor, *, scale_type: str, scaling: float, floor: float, rho0: float = 0.0
+    A: torch.Tensor, B: torch.Tensor, *, scale_type: str, scaling: float, scale_floor: float, rho0: float = 0.0
 ) -> torch.Tensor:
     """Variance of every weight-update entry from a scale pair, in float32.
 
@@ -53,7 +53,7 @@ def entry_variance(
         B: ``(d_out, r)`` scale factor.
         scale_type: ``"linear"`` or ``"softplus"`` (see the module docstring).
         scaling: ``s = lora_alpha / r`` (used by ``linear`` only).
-        floor: the constant ``c`` added to the standard deviation.
+        scale_floor: the constant ``c`` added to the standard deviation (`ABMLLConfig.scale_floor`).
         rho0: softplus offset (``softplus`` only).
 
     Returns:
@@ -61,10 +61,10 @@ def entry_variance(
     """
     raw = B.float() @ A.float()
     if scale_type == "linear":
-        sigma = scaling * raw + floor
-        return sigma.square() + floor**2
+        sigma = scaling * raw + scale_floor
+        return sigma.square() + scale_floor**2
     if scale_type == "softplus":
-        return (F.softplus(raw + rho0) + floor).square()
+        return (F.softplus(raw + rho0) + scale_floor).square()
     raise ValueError(f"Unknown scale_type {scale_type!r}; expected one of {SCALE_TYPES}.")
 
 
@@ -77,7 +77,7 @@ def _pairs(r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def lowrank_output_variance(
-    x_sq: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scaling: float, floor: float
+    x_sq: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scaling: float, scale_floor: float
 ) -> torch.Tensor:
     """Output variance ``x**2 @ variance.T`` of a ``linear``-scale layer without forming ``d_out x d_in``.
 
@@ -100,12 +100,12 @@ def lowrank_output_variance(
     Returns:
         ``(..., d_out)`` float32 variances of the sampled part of the output (``>= 0``).
     """
-    A_stack, B_stack = lowrank_variance_factors(A, B, scaling=scaling, floor=floor)
+    A_stack, B_stack = lowrank_variance_factors(A, B, scaling=scaling, scale_floor=scale_floor)
     return (x_sq.float() @ A_stack.T) @ B_stack.T
 
 
 def lowrank_variance_factors(
-    A: torch.Tensor, B: torch.Tensor, *, scaling: float, floor: float
+    A: torch.Tensor, B: torch.Tensor, *, scaling: float, scale_floor: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The stacked factors with ``variance == A_stack.T``-free form ``B_stack @ A_stack`` (see above).
 
@@ -119,8 +119,8 @@ def lowrank_variance_factors(
     B_stack = torch.cat(
         [
             (scaling**2) * B[:, k] * B[:, l] * weight,
-            (2 * scaling * floor) * B,
-            B.new_full((B.shape[0], 1), 2 * floor**2),
+            (2 * scaling * scale_floor) * B,
+            B.new_full((B.shape[0], 1), 2 * scale_floor**2),
         ],
         dim=1,
     )

@@ -202,7 +202,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return (action.help or "") if action.default is None else super()._get_help_string(action) or ""
 
 
-class _Parser(HfArgumentParser):
+class OptionParser(HfArgumentParser):
     """`HfArgumentParser` whose errors are one line: ``abmll <command>: error: <message>``.
 
     A dataclass field whose name an earlier dataclass already took is skipped: `TrainingArguments.debug`
@@ -216,6 +216,17 @@ class _Parser(HfArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
 
+    def parse_owned(self, args: Optional[Sequence[str]] = None) -> tuple[Any, ...]:
+        """One instance per dataclass; a field name both share belongs to the first (as the flag does)."""
+        values = vars(self.parse_args(args))
+        taken: set[str] = set()
+        out = []
+        for dtype in self.dataclass_types:
+            names = {f.name for f in dataclasses.fields(dtype) if f.init} - taken
+            out.append(dtype(**{k: v for k, v in values.items() if k in names}))
+            taken |= names
+        return tuple(out)
+
 
 def _dataclass_types(command: str) -> list[type]:
     if command == "train":
@@ -225,7 +236,7 @@ def _dataclass_types(command: str) -> list[type]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `abmll` parser; each subcommand is an `HfArgumentParser` over `_dataclass_types(command)`."""
-    parser = _Parser(prog="abmll", description="ABMLL: meta-learned Bayesian LoRA for PEFT.")
+    parser = OptionParser(prog="abmll", description="ABMLL: meta-learned Bayesian LoRA for PEFT.")
     sub = parser.add_subparsers(dest="command", required=True)
     for command, help_text in COMMAND_HELP.items():
         presets = ", ".join(f"{k}={v}" for k, v in PRESETS[command].items())
@@ -241,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> _Parser:
+def _subparser(parser: argparse.ArgumentParser, command: str) -> OptionParser:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices[command]
 
@@ -282,7 +293,7 @@ def _given(sub: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     return {k for k, v in vars(sub.parse_args(argv, namespace=blank)).items() if v is not _UNSET}
 
 
-def _apply_config(sub: _Parser, file: str) -> set[str]:
+def _apply_config(sub: OptionParser, file: str) -> set[str]:
     """Make the values of the ``--config`` file `sub`'s defaults; return the fields it sets."""
     import yaml
 
@@ -320,7 +331,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
-def _config_value(sub: _Parser, action: argparse.Action, key: str, value: Any, file: str) -> Any:
+def _config_value(sub: OptionParser, action: argparse.Action, key: str, value: Any, file: str) -> Any:
     """`value` converted like the flag's string (``steps: '5'``, YAML's ``1e-3``) and checked against its choices."""
     if action.nargs == "+" and isinstance(value, str):
         value = [value]  # `tasks: snarks` means one task, not its letters
@@ -342,7 +353,7 @@ def _config_value(sub: _Parser, action: argparse.Action, key: str, value: Any, f
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _validated(sub: _Parser, values: dict[str, Any], given: frozenset[str]) -> ParsedArgs:
+def _validated(sub: OptionParser, values: dict[str, Any], given: frozenset[str]) -> ParsedArgs:
     """Check the values and build the command's `MetaTrainingArguments` (and `ABMLLConfig`)."""
     command = values["command"]
     options = COMMAND_OPTIONS[command](**_fields_of(COMMAND_OPTIONS[command], values))
@@ -396,7 +407,7 @@ def meta_args(
 ) -> MetaTrainingArguments:
     """The command's `MetaTrainingArguments`: its parsed fields, the CLI's device rules and the demo budget."""
     dtype = MetaTrainingArguments if command == "train" else MetaOptions
-    shadowed = {f.name for f in dataclasses.fields(COMMAND_OPTIONS[command])}  # `debug`: see `_Parser`
+    shadowed = {f.name for f in dataclasses.fields(COMMAND_OPTIONS[command])}  # `debug`: see `OptionParser`
     kwargs = {k: v for k, v in _fields_of(dtype, values).items() if k not in shadowed}
     if command != "train":  # fixed Trainer settings
         kwargs = {**{k: PRESETS["train"][k] for k in _TRAINER_SETTINGS}, **kwargs}

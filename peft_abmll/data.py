@@ -19,6 +19,7 @@ from datasets import Dataset
 
 logger = logging.getLogger("peft_abmll")
 
+#: The option letters, in order (prompts, answers, and letter answers in loaded task files).
 LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 INSTRUCTION = "Return the label of the correct answer for the question below."
 REQUIRED_COLUMNS = ("task", "question", "choices", "label")
@@ -109,19 +110,26 @@ def _checked_example(example: Mapping[str, Any], task: str, row: int) -> dict[st
 def _drop_long_choices(tasks: dict[str, list[dict]], max_choices: int) -> dict[str, list[dict]]:
     kept = {}
     for name, examples in tasks.items():
-        short = [e for e in examples if len(e["choices"]) <= max_choices]
-        if len(short) < len(examples):
-            logger.warning(
-                "Task %r: dropped %d example(s) with more than %d choices.",
-                name,
-                len(examples) - len(short),
-                max_choices,
-            )
+        keep = _max_choices_mask(name, [len(e["choices"]) for e in examples], max_choices)
+        short = [e for e, k in zip(examples, keep) if k]
         if short:
             kept[name] = short
         else:
             logger.warning("Task %r: no example left with at most %d choices; task skipped.", name, max_choices)
     return kept
+
+
+def _max_choices_mask(task: str, num_choices: Sequence[int], max_choices: Optional[int]) -> np.ndarray:
+    """Which examples have at most `max_choices` options (all when None); logs how many are dropped.
+
+    The one rule behind every ``max_choices`` argument: `prepare_tasks` and the task loaders of `peft_abmll.assets`.
+    """
+    counts = np.asarray(num_choices)
+    keep = np.ones(len(counts), dtype=bool) if max_choices is None else counts <= max_choices
+    if not keep.all():
+        dropped = int((~keep).sum())
+        logger.warning("Task %r: dropped %d example(s) with more than %d choices.", task, dropped, max_choices)
+    return keep
 
 
 # ----------------------------------------------------------------------------------------------- prompts

@@ -25,11 +25,11 @@ BLOCK_ENTRIES = 1 << 17  # entries of Delta W processed at once (a block of temp
 
 @dataclass(frozen=True)
 class ScaleSpec:
-    """How factors become moments: ``scale_type``, LoRA ``scaling`` s, ``floor`` c, softplus ``rho0``."""
+    """How factors become moments: ``scale_type``, LoRA ``scaling`` s, ``scale_floor`` c, softplus ``rho0``."""
 
     scale_type: str
     scaling: float
-    floor: float
+    scale_floor: float
     rho0: float = 0.0
 
 
@@ -54,11 +54,11 @@ def _block_moments(scaled: tuple[torch.Tensor, ...], rows: slice, spec: ScaleSpe
     mean_A, mean_B, scale_A, scale_B = scaled
     mean = mean_B[rows] @ mean_A
     if spec.scale_type == "linear":
-        floor = torch.tensor(spec.floor, device=mean.device, dtype=mean.dtype)
+        floor = torch.tensor(spec.scale_floor, device=mean.device, dtype=mean.dtype)
         sigma = torch.addmm(floor, scale_B[rows], scale_A)
         return {"mean": mean, "sigma": sigma, "var": torch.addcmul(floor.square(), sigma, sigma), "dsigma": None}
     raw = (scale_B[rows] @ scale_A).add_(spec.rho0)
-    sigma = F.softplus(raw).add_(spec.floor)
+    sigma = F.softplus(raw).add_(spec.scale_floor)
     return {"mean": mean, "sigma": sigma, "var": sigma.square(), "dsigma": raw.sigmoid_()}
 
 

@@ -78,34 +78,34 @@ dims = st.integers(1, 6)
 
 
 @SETTINGS
-@given(r=dims, d_in=dims, d_out=dims, seed=seeds, scaling=st.floats(0.1, 8.0), floor=st.floats(1e-8, 0.1))
-def test_entry_variance_linear(r: int, d_in: int, d_out: int, seed: int, scaling: float, floor: float) -> None:
+@given(r=dims, d_in=dims, d_out=dims, seed=seeds, scaling=st.floats(0.1, 8.0), scale_floor=st.floats(1e-8, 0.1))
+def test_entry_variance_linear(r: int, d_in: int, d_out: int, seed: int, scaling: float, scale_floor: float) -> None:
     A, B = _tensor(seed, (r, d_in), -1, 1).float(), _tensor(seed + 1, (d_out, r), -1, 1).float()
-    ours = bayes.entry_variance(A, B, scale_type="linear", scaling=scaling, floor=floor)
-    expected = (scaling * B.double() @ A.double() + floor).square() + floor**2
+    ours = bayes.entry_variance(A, B, scale_type="linear", scaling=scaling, scale_floor=scale_floor)
+    expected = (scaling * B.double() @ A.double() + scale_floor).square() + scale_floor**2
     assert ours.dtype == torch.float32 and ours.shape == (d_out, d_in)
     assert (ours > 0).all()
     torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-7 * scaling**2)
 
 
 @SETTINGS
-@given(r=dims, d_in=dims, d_out=dims, seed=seeds, floor=st.floats(1e-8, 0.1), rho0=st.floats(-8.0, 3.0))
-def test_entry_variance_softplus(r: int, d_in: int, d_out: int, seed: int, floor: float, rho0: float) -> None:
+@given(r=dims, d_in=dims, d_out=dims, seed=seeds, scale_floor=st.floats(1e-8, 0.1), rho0=st.floats(-8.0, 3.0))
+def test_entry_variance_softplus(r: int, d_in: int, d_out: int, seed: int, scale_floor: float, rho0: float) -> None:
     A, B = _tensor(seed, (r, d_in), -1, 1).float(), _tensor(seed + 1, (d_out, r), -1, 1).float()
-    ours = bayes.entry_variance(A, B, scale_type="softplus", scaling=2.0, floor=floor, rho0=rho0)
-    expected = (F.softplus(B.double() @ A.double() + rho0) + floor).square()
+    ours = bayes.entry_variance(A, B, scale_type="softplus", scaling=2.0, scale_floor=scale_floor, rho0=rho0)
+    expected = (F.softplus(B.double() @ A.double() + rho0) + scale_floor).square()
     assert (ours > 0).all()
     torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-12)
 
 
 def test_entry_variance_computes_in_float32_from_half_inputs() -> None:
     A, B = torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(4, 2, dtype=torch.float16)
-    assert bayes.entry_variance(A, B, scale_type="linear", scaling=1.0, floor=1e-3).dtype == torch.float32
+    assert bayes.entry_variance(A, B, scale_type="linear", scaling=1.0, scale_floor=1e-3).dtype == torch.float32
 
 
 def test_entry_variance_rejects_unknown_scale_type() -> None:
     with pytest.raises(ValueError, match="scale_type"):
-        bayes.entry_variance(torch.ones(1, 1), torch.ones(1, 1), scale_type="exp", scaling=1.0, floor=1e-3)
+        bayes.entry_variance(torch.ones(1, 1), torch.ones(1, 1), scale_type="exp", scaling=1.0, scale_floor=1e-3)
 
 
 # ----------------------------------------------------------------------------------------- lowrank_output_variance
@@ -117,18 +117,21 @@ def test_entry_variance_rejects_unknown_scale_type() -> None:
     rows=st.integers(1, 4),
     seed=seeds,
     scaling=st.floats(0.1, 8.0),
-    floor=st.floats(1e-8, 0.1),
+    scale_floor=st.floats(1e-8, 0.1),
 )
 def test_lowrank_output_variance_equals_dense(
-    r: int, d_in: int, d_out: int, rows: int, seed: int, scaling: float, floor: float
+    r: int, d_in: int, d_out: int, rows: int, seed: int, scaling: float, scale_floor: float
 ) -> None:
     A, B = _tensor(seed, (r, d_in), -1, 1).float(), _tensor(seed + 1, (d_out, r), -1, 1).float()
     x = _tensor(seed + 2, (2, rows, d_in), -2, 2).float()
-    ours = bayes.lowrank_output_variance(x.square(), A, B, scaling=scaling, floor=floor)
-    variance = bayes.entry_variance(A, B, scale_type="linear", scaling=scaling, floor=floor).double()
+    ours = bayes.lowrank_output_variance(x.square(), A, B, scaling=scaling, scale_floor=scale_floor)
+    variance = bayes.entry_variance(A, B, scale_type="linear", scaling=scaling, scale_floor=scale_floor).double()
     dense = x.double().square() @ variance.T
     # cancellation-aware tolerance: the terms are bounded by the variance built from |A|, |B|
-    bound = x.double().square() @ ((scaling * B.double().abs() @ A.double().abs() + floor).square() + floor**2).T
+    bound = (
+        x.double().square()
+        @ ((scaling * B.double().abs() @ A.double().abs() + scale_floor).square() + scale_floor**2).T
+    )
     assert ours.shape == (2, rows, d_out) and ours.dtype == torch.float32
     assert ((ours.double() - dense).abs() <= 1e-5 * bound + 1e-30).all()
 
@@ -156,7 +159,7 @@ def test_lowrank_variance_cache_survives_inference_mode() -> None:
     _pairs.cache_clear()
     A, B = torch.randn(3, 5), torch.randn(4, 3)
     with torch.inference_mode():
-        bayes.lowrank_output_variance(torch.rand(2, 5), A, B, scaling=2.0, floor=1e-3)
+        bayes.lowrank_output_variance(torch.rand(2, 5), A, B, scaling=2.0, scale_floor=1e-3)
     A.requires_grad_(True)
-    bayes.lowrank_output_variance(torch.rand(2, 5), A, B, scaling=2.0, floor=1e-3).sum().backward()
+    bayes.lowrank_output_variance(torch.rand(2, 5), A, B, scaling=2.0, scale_floor=1e-3).sum().backward()
     assert A.grad is not None and torch.isfinite(A.grad).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from peft_abmll import ABMLLConfig
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 _spec = importlib.util.spec_from_file_location("quality_benchmark", _PATH)
 quality = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = quality  # dataclass type hints resolve through sys.modules
 _spec.loader.exec_module(quality)
 
 
@@ -49,15 +51,10 @@ def test_set_ablations_name_jobs_and_refuse_unknown_fields() -> None:
     assert quality.parse_setting("scale_type=softplus") == ("scale_type", "softplus")
     with pytest.raises(argparse.ArgumentTypeError, match="ABMLLConfig field"):
         quality.parse_setting("not_a_field=1")
-    args = argparse.Namespace(
-        methods=["pretrained", "abmll"],
-        beta=[1.0],
-        set=[("prior_b0", 1e-6)],
-        arg=[("outer_step_size", 0.1)],
-        variants=["weight"],
-        prune=[0.5],
-    )
-    jobs = {job["name"]: job for job in quality.plan(args)}
+    flags = ["--methods", "pretrained", "abmll", "--beta", "1", "--set", "prior_b0=1e-6"]
+    flags += ["--arg", "outer_step_size=0.1", "--variants", "weight", "--prune", "0.5"]
+    options, _ = quality.parse(flags)
+    jobs = {job["name"]: job for job in quality.plan(options)}
     assert set(jobs) == {
         "pretrained",
         "abmll",
@@ -87,7 +84,7 @@ def test_summary_table_averages_seeds() -> None:
 
 
 def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch) -> None:
-    """``--arg outer_step_size=0.1`` must win over ``--outer-step`` (it used to raise a duplicate-keyword error)."""
+    """``--arg outer_step_size=0.1`` wins over ``--outer_step_size`` (it used to raise a duplicate-keyword error)."""
     seen = {}
 
     def fake_run(method, model_fn, tokenizer, train, held_out, margs, config, **kwargs):
@@ -95,25 +92,28 @@ def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch
         raise RuntimeError("stop")
 
     monkeypatch.setattr(quality, "run_method", fake_run)
-    args = argparse.Namespace(
-        work_dir=str(tmp_path),
-        steps=1,
-        lr=1e-3,
-        outer_step=1.0,
-        inner_lr=3e-4,
-        num_samples=None,
-        adapt_lr=None,
-        max_length=64,
-        max_query=2,
-        lora_lr=None,
-        answer_format="letter",
-        num_shots=0,
-        save_every=0,
-    )
+    options, base = quality.parse(["--outer_step_size", "1.0", "--work_dir", str(tmp_path), "--max-query", "2"])
     job = {"name": "abmll-outer_step_size=0.1", "method": "abmll", "config": {}, "args": {"outer_step_size": 0.1}}
     with pytest.raises(RuntimeError, match="stop"):
-        quality.run_one(job, 0, args, (None, None), None, None)
-    assert seen["args"].outer_step_size == 0.1
+        quality.run_one(job, 3, options, base, (None, None), None, None)
+    margs = seen["args"]
+    assert (margs.outer_step_size, margs.seed, margs.eval_max_query) == (0.1, 3, 2)
+    assert margs.output_dir == str(tmp_path / job["name"] / "seed3")
+
+
+def test_benchmark_flags_are_the_training_arguments_with_this_benchmarks_presets(tmp_path) -> None:
+    options, base = quality.parse(["--steps", "7", "--learning_rate", "0.01", "--answer-format", "option"])
+    assert (base.max_steps, base.learning_rate, base.answer_format) == (7, 0.01, "option")
+    assert (base.max_length, base.eval_max_query, base.max_grad_norm) == (256, 200, 0.0)  # presets, then dataclass
+    assert options.seeds == [0, 1, 2] and options.methods == list(quality.METHODS)
+    split = tmp_path / "split.json"
+    split.write_text('{"meta_train": ["a", "b"], "validation": ["c"]}')
+    options, _ = quality.parse(["--split", str(split)])
+    assert (options.train_tasks, options.eval_tasks) == (["a", "b"], ["c"])
+    with pytest.raises(SystemExit):
+        quality.parse(["--methods", "nope"])
+    with pytest.raises(argparse.ArgumentTypeError, match="ABMLLConfig field"):
+        quality.parse(["--set", "nope=1"])
 
 
 def test_interval_table_pairs_configurations_on_the_same_examples() -> None:

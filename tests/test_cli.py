@@ -408,7 +408,7 @@ def test_generated_options_copy_the_dataclass_fields() -> None:
         assert f.default is None and f.metadata["help"].startswith(source.metadata["help"])
         assert f.metadata["help"].endswith(f"(default: {source.default!r}, ABMLLConfig's)")
     assert cli.AdapterOptions.__dataclass_fields__["r"].metadata["help"].endswith("(default: 8, ABMLLConfig's)")
-    # the one name the CLI's options share with MetaTrainingArguments: --debug (see cli._Parser)
+    # the one name the CLI's options share with MetaTrainingArguments: --debug (see cli.OptionParser)
     assert {f.name for f in dataclasses.fields(cli.TrainOptions)} & set(meta_fields) == {"debug"}
     assert {f.name for f in dataclasses.fields(cli.AdapterOptions)} & set(meta_fields) == set()
 

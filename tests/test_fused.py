@@ -21,8 +21,8 @@ def _factors(r: int, d_in: int, d_out: int, seed: int, spread: float) -> tuple[t
 def _ref_entry_variance(A, B, spec):  # float64 version of bayes.entry_variance (which casts to float32)
     raw = B @ A
     if spec.scale_type == "linear":
-        return (spec.scaling * raw + spec.floor) ** 2 + spec.floor**2
-    return (torch.nn.functional.softplus(raw + spec.rho0) + spec.floor) ** 2
+        return (spec.scaling * raw + spec.scale_floor) ** 2 + spec.scale_floor**2
+    return (torch.nn.functional.softplus(raw + spec.rho0) + spec.scale_floor) ** 2
 
 
 def _grads(value: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -108,12 +108,12 @@ def test_lowrank_noise_gradcheck_and_matches_dense_law() -> None:
     B = (torch.randn(4, 2, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
 
     def noise(x, A, B):
-        A_stack, B_stack = bayes.lowrank_variance_factors(A, B, scaling=2.0, floor=1e-2)
+        A_stack, B_stack = bayes.lowrank_variance_factors(A, B, scaling=2.0, scale_floor=1e-2)
         return fused.lowrank_noise(x, A_stack, B_stack, seed=7)
 
     assert torch.autograd.gradcheck(noise, (x, A, B))
     # same seed, same draw: |noise| is the exact per-unit std sqrt(x^2 @ var.T) times |eps|
-    var = bayes.entry_variance(A, B, scale_type="linear", scaling=2.0, floor=1e-2).double()
+    var = bayes.entry_variance(A, B, scale_type="linear", scaling=2.0, scale_floor=1e-2).double()
     eps = fused._seeded_normal((2, 3, 4), 7, x)
     torch.testing.assert_close(noise(x, A, B), (x.square() @ var.T).sqrt() * eps, rtol=1e-5, atol=1e-6)
 

@@ -74,7 +74,7 @@ def _factors(d_out: int, d_in: int, r: int, std: float, seed: int, spec: ScaleSp
     mean_A = torch.randn(r, d_in, generator=g, dtype=torch.float64) / d_in**0.5
     mean_B = 1e-2 * torch.randn(d_out, r, generator=g, dtype=torch.float64)
     if spec.scale_type == "linear":
-        value = ((std - spec.floor) / (spec.scaling * r)) ** 0.5
+        value = ((std - spec.scale_floor) / (spec.scaling * r)) ** 0.5
         scale_A = value * (1 + 0.3 * torch.randn(r, d_in, generator=g, dtype=torch.float64))
         scale_B = value * (1 + 0.3 * torch.randn(d_out, r, generator=g, dtype=torch.float64))
     else:
@@ -86,7 +86,7 @@ def _factors(d_out: int, d_in: int, r: int, std: float, seed: int, spec: ScaleSp
 def _moments(factors: list[torch.Tensor], spec: ScaleSpec) -> tuple[torch.Tensor, torch.Tensor]:
     mean_A, mean_B, scale_A, scale_B = factors
     return spec.scaling * mean_B @ mean_A, peft_abmll.bayes.entry_variance(
-        scale_A, scale_B, scale_type=spec.scale_type, scaling=spec.scaling, floor=spec.floor, rho0=spec.rho0
+        scale_A, scale_B, scale_type=spec.scale_type, scaling=spec.scaling, scale_floor=spec.scale_floor, rho0=spec.rho0
     ).double()
 
 

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from ..data import _max_choices_mask
 from ..files import atomic_write_bytes, atomic_write_text, safe_join
 from .cache import cache_root
 
@@ -363,14 +364,11 @@ def _leaves(name: str, index: Mapping[str, Mapping[str, Any]], archive: Path) ->
 
 
 def _filter_choices(name: str, table: pa.Table, max_choices: int | None) -> pa.Table:
+    """`table` without the examples with more than `max_choices` options (`peft_abmll.data`'s rule, logged)."""
     if max_choices is None:
         return table
-    keep = pc.less_equal(pc.list_value_length(table["choices"]), max_choices)
-    kept = table.filter(keep)
-    if kept.num_rows < table.num_rows:
-        dropped = table.num_rows - kept.num_rows
-        logger.warning("Task %r: dropped %d example(s) with more than %d choices.", name, dropped, max_choices)
-    return kept
+    counts = pc.list_value_length(table["choices"]).to_numpy()
+    return table.filter(pa.array(_max_choices_mask(name, counts, max_choices)))
 
 
 def _shuffle_choices(name: str, table: pa.Table, seed: int) -> pa.Table:

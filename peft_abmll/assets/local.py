@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import ClassLabel, Dataset, DatasetDict
 
+from ..data import LABELS
 from .bigbench import TASK_SCHEMA, _filter_choices, convert_task_json
 
 logger = logging.getLogger("peft_abmll")
@@ -40,7 +41,6 @@ LIST_COLUMNS = ("choices", "options", "endings", "candidates")
 ANSWER_COLUMNS = ("label", "answer", "answerKey", "answer_idx", "answer_index", "gold", "target", "correct")
 PAIR_COLUMNS = (("premise", "hypothesis"), ("sentence1", "sentence2"), ("question1", "question2"))
 NUMBERED_PREFIXES = ("option", "choice", "sol", "ending", "opt")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @dataclass
@@ -65,8 +65,8 @@ def _numbered_columns(columns: Sequence[str]) -> tuple[list[str], list[str]]:
         )
         if len(found) >= 2:
             return [c for _, c in found], [str(i) for i, _ in found]
-    letters = [c for c in LETTERS if c in columns]
-    if len(letters) >= 2 and letters == list(LETTERS[: len(letters)]):
+    letters = [c for c in LABELS if c in columns]
+    if len(letters) >= 2 and letters == list(LABELS[: len(letters)]):
         return letters, letters
     return [], []
 
@@ -141,8 +141,8 @@ def _answer_index(value: Any, choices: list[str], names: list[str]) -> int | Non
     for candidates in (names, choices):
         if text in candidates:
             return candidates.index(text)
-    if len(text) == 1 and text.upper() in LETTERS[: len(choices)]:
-        return LETTERS.index(text.upper())
+    if len(text) == 1 and text.upper() in LABELS[: len(choices)]:
+        return LABELS.index(text.upper())
     if re.fullmatch(r"\d+", text) and int(text) < len(choices):
         return int(text)
     return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -33,6 +34,46 @@ POSTERIOR_PAIRS = {
     "local": ("abmll_local_mean_A", "abmll_local_mean_B", "abmll_local_scale_A", "abmll_local_scale_B"),
 }
 TRAINABLE_CHOICES = ("global", "local", "both", "none")
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """What a layer reads from its `ABMLLConfig`, built once per adapter, under the config's names.
+
+    ``gamma_rate`` is `ABMLLConfig.gamma_rate` (``prior_b0``, or its default when that is None); ``rho0`` is the
+    softplus offset at which the std starts at ``init_std`` (0 for ``scale_type="linear"``).
+    """
+
+    scale_type: str
+    scale_floor: float
+    init_std: float
+    rho0: float
+    sampling: str
+    predictive_mode: str
+    sample_seed: int
+    prior_a0: float
+    gamma_rate: float
+    prior_mean_std: float
+
+    @classmethod
+    def from_config(cls, config: ABMLLConfig) -> LayerSettings:
+        softplus = config.scale_type == "softplus"
+        return cls(
+            scale_type=config.scale_type,
+            scale_floor=config.scale_floor,
+            init_std=config.init_std,
+            rho0=bayes.inverse_softplus(config.init_std - config.scale_floor) if softplus else 0.0,
+            sampling=config.sampling,
+            predictive_mode=config.predictive_mode,
+            sample_seed=config.sample_seed,
+            prior_a0=config.prior_a0,
+            gamma_rate=config.gamma_rate,
+            prior_mean_std=config.prior_mean_std,
+        )
+
+    def scale_spec(self, scaling: float) -> fused.ScaleSpec:
+        """How factors become moments under these settings and the LoRA `scaling` (which PEFT may rescale)."""
+        return fused.ScaleSpec(self.scale_type, scaling, self.scale_floor, self.rho0)
 
 
 class ABMLLLayer(BaseTunerLayer):
@@ -57,7 +98,7 @@ class ABMLLLayer(BaseTunerLayer):
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.abmll_dropout = nn.ModuleDict({})
-        self.abmll_settings: dict[str, dict[str, Any]] = {}
+        self.abmll_settings: dict[str, LayerSettings] = {}
         self.abmll_posterior: dict[str, str] = {}
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict({}))
@@ -82,7 +123,7 @@ class ABMLLLayer(BaseTunerLayer):
         self.r[adapter_name] = r
         self.scaling[adapter_name] = config.scaling
         self.abmll_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-        self.abmll_settings[adapter_name] = _layer_settings(config)
+        self.abmll_settings[adapter_name] = LayerSettings.from_config(config)
         self.abmll_posterior[adapter_name] = config.posterior
         shapes = {"A": (r, self.in_features), "B": (self.out_features, r)}
         for name in self.adapter_layer_names:
@@ -104,10 +145,10 @@ class ABMLLLayer(BaseTunerLayer):
         else:
             nn.init.normal_(mean_B, std=0.1)
         settings = self.abmll_settings[adapter_name]
-        if settings["scale_type"] == "linear":
+        if settings.scale_type == "linear":
             # s * B @ A + c = init_std with B @ A ~ constant; jitter breaks the symmetry between rank columns
             value = math.sqrt(
-                (settings["init_std"] - settings["floor"]) / (self.scaling[adapter_name] * mean_A.shape[0])
+                (settings.init_std - settings.scale_floor) / (self.scaling[adapter_name] * mean_A.shape[0])
             )
             scale_A.copy_(value * (1 + 0.1 * torch.randn_like(scale_A)))
             scale_B.copy_(value * (1 + 0.1 * torch.randn_like(scale_B)))
@@ -158,7 +199,8 @@ class ABMLLLayer(BaseTunerLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense float32 ``(mean, variance)`` of ``Delta W``, each ``(d_out, d_in)``."""
         mean_A, mean_B, scale_A, scale_B = self.posterior_factors(adapter_name, posterior)
-        return _moments(mean_A, mean_B, scale_A, scale_B, **self._math_kwargs(adapter_name))
+        mean = (mean_B.float() @ mean_A.float()) * self.scaling[adapter_name]
+        return mean, _entry_variance(scale_A, scale_B, self._scale_spec(adapter_name))
 
     def kl_divergence(self, adapter_name: str) -> torch.Tensor:
         """``KL(q_local || p_global)`` summed over every entry of ``Delta W`` (float32 scalar).
@@ -175,25 +217,11 @@ class ABMLLLayer(BaseTunerLayer):
         factors = self.posterior_factors(adapter_name, "global")
         with _fp32(factors[0].device):
             return fused.fused_log_prior(
-                factors,
-                self._scale_spec(adapter_name),
-                settings["prior_mean_std"],
-                settings["prior_a0"],
-                settings["prior_b0"],
+                factors, self._scale_spec(adapter_name), settings.prior_mean_std, settings.prior_a0, settings.gamma_rate
             )
 
     def _scale_spec(self, adapter_name: str) -> fused.ScaleSpec:
-        settings = self.abmll_settings[adapter_name]
-        return fused.ScaleSpec(settings["scale_type"], self.scaling[adapter_name], settings["floor"], settings["rho0"])
-
-    def _math_kwargs(self, adapter_name: str) -> dict[str, Any]:
-        settings = self.abmll_settings[adapter_name]
-        return {
-            "scaling": self.scaling[adapter_name],
-            "scale_type": settings["scale_type"],
-            "floor": settings["floor"],
-            "rho0": settings["rho0"],
-        }
+        return self.abmll_settings[adapter_name].scale_spec(self.scaling[adapter_name])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Mean weight update of the active posterior in the base weight's layout and dtype (never sampled)."""
@@ -225,7 +253,7 @@ class ABMLLLayer(BaseTunerLayer):
             return True
         if self.abmll_eval_sampling is not None:
             return self.abmll_eval_sampling
-        return self.abmll_settings[adapter_name]["predictive_mode"] == "sample"
+        return self.abmll_settings[adapter_name].predictive_mode == "sample"
 
     def _noise(self, x: torch.Tensor, adapter_name: str, scale_A: torch.Tensor, scale_B: torch.Tensor) -> torch.Tensor:
         """The zero-mean random part ``(sigma * eps) x`` of the output, float32.
@@ -234,18 +262,17 @@ class ABMLLLayer(BaseTunerLayer):
         samples from a seeded generator, so a sample is one fixed model: reproducible and independent of
         how examples are batched.
         """
-        settings = self.abmll_settings[adapter_name]
+        spec = self._scale_spec(adapter_name)
         x = x.float()
         if self.training:
             seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: seeded runs are reproducible
-            if settings["sampling"] == "local":
+            if self.abmll_settings[adapter_name].sampling == "local":
                 A_stack, B_stack = bayes.lowrank_variance_factors(
-                    scale_A, scale_B, scaling=self.scaling[adapter_name], floor=settings["floor"]
+                    scale_A, scale_B, scaling=spec.scaling, scale_floor=spec.scale_floor
                 )
                 return fused.lowrank_noise(x, A_stack, B_stack, seed)
-            var = bayes.entry_variance(scale_A, scale_B, **_entry_kwargs(self._math_kwargs(adapter_name)))
-            return fused.weight_noise(x, var.sqrt(), seed)
-        var = bayes.entry_variance(scale_A, scale_B, **_entry_kwargs(self._math_kwargs(adapter_name)))
+            return fused.weight_noise(x, _entry_variance(scale_A, scale_B, spec).sqrt(), seed)
+        var = _entry_variance(scale_A, scale_B, spec)
         eps = torch.randn(
             var.shape, device=var.device, dtype=var.dtype, generator=self._eval_generator(x.device, adapter_name)
         )
@@ -253,7 +280,7 @@ class ABMLLLayer(BaseTunerLayer):
 
     def _eval_generator(self, device: torch.device, adapter_name: str) -> torch.Generator:
         """A generator seeded by (sample_seed, sample index, layer index): eval samples are reproducible."""
-        seed = self.abmll_settings[adapter_name]["sample_seed"]
+        seed = self.abmll_settings[adapter_name].sample_seed
         generator = torch.Generator(device=device)
         generator.manual_seed(hash((seed, self.abmll_sample_index, self.abmll_layer_index)) % (2**63))
         return generator
@@ -311,35 +338,11 @@ class Linear(nn.Module, ABMLLLayer):
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _layer_settings(config: ABMLLConfig) -> dict[str, Any]:
-    rho0 = bayes.inverse_softplus(config.init_std - config.scale_floor) if config.scale_type == "softplus" else 0.0
-    return {
-        "scale_type": config.scale_type,
-        "floor": config.scale_floor,
-        "init_std": config.init_std,
-        "rho0": rho0,
-        "sampling": config.sampling,
-        "predictive_mode": config.predictive_mode,
-        "sample_seed": config.sample_seed,
-        "prior_a0": config.prior_a0,
-        "prior_b0": config.gamma_rate,
-        "prior_mean_std": config.prior_mean_std,
-    }
-
-
-def _entry_kwargs(math_kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: math_kwargs[k] for k in ("scale_type", "scaling", "floor", "rho0")}
-
-
-def _moments(
-    mean_A: torch.Tensor,
-    mean_B: torch.Tensor,
-    scale_A: torch.Tensor,
-    scale_B: torch.Tensor,
-    **math_kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = (mean_B.float() @ mean_A.float()) * math_kwargs["scaling"]
-    return mean, bayes.entry_variance(scale_A, scale_B, **_entry_kwargs(math_kwargs))
+def _entry_variance(scale_A: torch.Tensor, scale_B: torch.Tensor, spec: fused.ScaleSpec) -> torch.Tensor:
+    """Dense float32 variance of every entry of ``Delta W`` from a scale pair (`peft_abmll.bayes.entry_variance`)."""
+    return bayes.entry_variance(
+        scale_A, scale_B, scale_type=spec.scale_type, scaling=spec.scaling, scale_floor=spec.scale_floor, rho0=spec.rho0
+    )
 
 
 def _fp32(device: torch.device) -> Any:
