@@ -144,7 +144,7 @@ def run_one(
         train,
         held_out,
         margs,
-        ABMLLConfig(**job["config"]),
+        ABMLLConfig(**{"task_type": "CAUSAL_LM", **job["config"]}),
         lora_learning_rate=options.lora_lr,
         resume_from_checkpoint=resume or None,
     )
@@ -156,7 +156,8 @@ def run_one(
         if prune:
             start = time.perf_counter()
             with pruned(model, prune):
-                result = evaluate_tasks(model, held_out, encoder=encoder, protocol=margs.evaluation_protocol())
+                protocol, show = margs.evaluation_protocol(), not margs.disable_tqdm
+                result = evaluate_tasks(model, held_out, encoder=encoder, protocol=protocol, progress=show)
             result["eval_seconds"] = time.perf_counter() - start
         records.append(
             {
@@ -393,7 +394,6 @@ PRESETS: dict[str, Any] = {
     "report_to": "none",
     "save_strategy": "no",
     "logging_steps": 10,
-    "disable_tqdm": True,
     "seed": 0,
 }
 

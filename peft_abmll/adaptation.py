@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 from torch import nn
+from transformers.utils.logging import tqdm
 
 from .algorithms import DEFAULT_INNER_LR, SnapshotView, abmll_tuner, inner_loop, make_view
 from .data import (
@@ -145,6 +146,8 @@ def predict_proba(
     num_shots: int = 0,
     seed: int = 0,
     scoring: Optional[str] = None,
+    progress: bool = False,
+    desc: str = "predicting",
 ) -> torch.Tensor:
     """Per-choice probabilities of multiple-choice examples.
 
@@ -158,6 +161,8 @@ def predict_proba(
 
     Probabilities are averaged over `num_samples` seeded posterior samples (default: the adapter's
     ``num_samples``). With one, the adapter's ``predictive_mode`` decides: the posterior mean or one sample.
+
+    `progress` shows a bar over the batches (labelled `desc`; off when transformers' progress bars are disabled).
 
     Returns:
         ``(len(examples), max choices)`` float32; invalid options are 0; rows sum to 1.
@@ -173,7 +178,8 @@ def predict_proba(
     rng = np.random.default_rng(seed)
     probs = torch.zeros(len(examples), width)
     try:
-        for start in range(0, len(examples), batch_size):
+        starts = range(0, len(examples), batch_size)
+        for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not progress):
             chunk = examples[start : start + batch_size]
             chunk_shots = [_shots(shots, num_shots, rng) for _ in chunk]
             if scoring == "option":

@@ -155,7 +155,7 @@ def train_method(
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {list(METHODS)}.")
-    abmll_config = abmll_config or ABMLLConfig()
+    abmll_config = abmll_config or ABMLLConfig(task_type="CAUSAL_LM")
     config = abmll_config if method == "abmll" else lora_config or default_lora_config(abmll_config)
     model = _seeded_peft_model(base_model_fn, config, args.seed)
     if method == "regular_lora" or method == "structured_lora":

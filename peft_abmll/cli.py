@@ -46,7 +46,10 @@ from .tuner.config import ABMLLConfig
 
 logger = logging.getLogger("peft_abmll")
 
-MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the five methods of `baselines.METHODS`
+if typing.TYPE_CHECKING:
+    MethodName = str
+else:
+    MethodName = Literal[tuple(METHODS)]  # the methods of `baselines.METHODS` (argparse choices)
 DEMO_METHODS = ("pretrained", "regular_lora", "abmll")
 
 #: The only CLI defaults that differ from the dataclasses' (shown in each command's --help). Seed 0, not
@@ -425,6 +428,10 @@ def meta_args(
     return MetaTrainingArguments(**kwargs)
 
 
+def _output_dir(margs: MetaTrainingArguments) -> Path:
+    return Path(margs.output_dir or PRESETS["train"]["output_dir"])
+
+
 def _use_cpu() -> bool:
     import torch
 
@@ -433,7 +440,8 @@ def _use_cpu() -> bool:
 
 def abmll_config(values: Mapping[str, Any], meta: MetaTrainingArguments) -> ABMLLConfig:
     """The `ABMLLConfig` of the adapter options given (None: the config's default) and ``--beta``."""
-    kwargs = {k: v for k, v in _fields_of(AdapterOptions, values).items() if v is not None}
+    kwargs: dict[str, Any] = {"task_type": "CAUSAL_LM"}
+    kwargs.update({k: v for k, v in _fields_of(AdapterOptions, values).items() if v is not None})
     if meta.beta is not None:
         kwargs["beta"] = meta.beta
     if kwargs.get("scale_type") == "softplus" and "sampling" not in kwargs:
@@ -448,7 +456,7 @@ def _one_line(message: object) -> str:
 # ----------------------------------------------------------------------------------------------- commands
 def cmd_demo(args: ParsedArgs) -> dict[str, Any]:
     options, margs = args.options, args.meta
-    out = Path(margs.output_dir)
+    out = _output_dir(margs)
     train_names = DEMO_TRAIN_TASKS[:6] if options.quick else DEMO_TRAIN_TASKS
     eval_names = DEMO_EVAL_TASKS[:2] if options.quick else DEMO_EVAL_TASKS
     print(f"abmll demo: fetching assets (SmolLM2-135M-Instruct, {len(train_names) + len(eval_names)} BIG-bench tasks)")
@@ -468,7 +476,7 @@ def cmd_demo(args: ParsedArgs) -> dict[str, Any]:
 
 def cmd_train(args: ParsedArgs) -> Path:
     options, margs = args.options, args.meta
-    out = Path(margs.output_dir)
+    out = _output_dir(margs)
     train_tasks = resolve_tasks(options.tasks, margs.max_choices)
     eval_tasks = resolve_tasks(options.eval_tasks, margs.max_choices) if options.eval_tasks else None
     model_fn, tokenizer = load_causal_lm(options.model, options.dtype)
@@ -488,7 +496,7 @@ def cmd_train(args: ParsedArgs) -> Path:
 def cmd_evaluate(args: ParsedArgs) -> dict[str, Any]:
     tasks = resolve_tasks(args.options.tasks, args.meta.max_choices)
     model, tokenizer = _load_adapted_model(args)
-    results = _evaluate(model, tokenizer, args, tasks, Path(args.meta.output_dir))
+    results = _evaluate(model, tokenizer, args, tasks, _output_dir(args.meta))
     _report(results)
     return results
 
@@ -508,7 +516,7 @@ def cmd_adapt(args: ParsedArgs) -> Path:
         seed=margs.seed,
         task=options.task,
     )
-    target = Path(options.save_to or Path(margs.output_dir) / "adapted")
+    target = Path(options.save_to or _output_dir(margs) / "adapted")
     save_adapted(model, target)
     print(f"Adapted on {len(examples)} examples (final NLL {logs[-1]['nll']:.3f}); adapter saved to {target}")
     return target
@@ -533,7 +541,16 @@ def _evaluate(model: Any, tokenizer: Any, args: ParsedArgs, tasks: Any, out: Pat
     if args.command != "train":  # `abmll evaluate` trains nothing: default to the adapter's recorded rate
         protocol = margs.evaluation_protocol(lr=margs.adaptation_learning_rate)
     encoder = margs.task_encoder(tokenizer)
-    return evaluate_tasks(model, tasks, encoder=encoder, protocol=protocol, output_dir=out, name="evaluate")
+    results = evaluate_tasks(
+        model,
+        tasks,
+        encoder=encoder,
+        protocol=protocol,
+        output_dir=out,
+        name="evaluate",
+        progress=not margs.disable_tqdm,
+    )
+    return results
 
 
 def _report(results: dict[str, Any]) -> None:

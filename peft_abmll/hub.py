@@ -102,6 +102,7 @@ def write_model_card(model: PeftModel, folder: Union[str, os.PathLike], *, repo_
     body = "\n\n".join(
         [
             _intro(base),
+            _record_section(main.training_record),
             _config_section(configs),
             _usage_section(base or "<base-model>", repo_id or "<this-repo-id>", auto_class),
         ]
@@ -127,6 +128,31 @@ def _intro(base: Optional[str]) -> str:
         "The global posterior is meta-learned across tasks; the local one is a task's own, reached from it by a "
         "few gradient steps."
     )
+
+
+def _record_section(record: Optional[dict]) -> str:
+    """How the adapter was meta-trained and what it scored on held-out tasks (from ``training_record``)."""
+    if not record:
+        return "## Training\n\nNo meta-training or evaluation was recorded for this adapter."
+    parts = ["## Training and evaluation"]
+    meta = record.get("meta_training")
+    if meta:
+        rows = [f"| {key.replace('_', ' ')} | `{value}` |" for key, value in meta.items()]
+        parts.append("Meta-trained with `peft_abmll.MetaTrainer`:\n\n" + "\n".join(["| | |", "|---|---|", *rows]))
+    evaluation = record.get("evaluation")
+    if evaluation:
+        names = ", ".join(f"`{t}`" for t in evaluation["tasks"])
+        metrics = ["accuracy", "nll", "ece", "brier"]
+        rows = [
+            f"| {kind} | " + " | ".join(f"{evaluation[kind].get(m, float('nan')):.3f}" for m in metrics) + " |"
+            for kind in ("macro", "pooled")
+        ]
+        parts.append(
+            f"Held-out tasks ({names}; {evaluation['query_examples']} query examples; adapted on a few support "
+            "examples per task, then scored):\n\n"
+            + "\n".join(["| | accuracy | NLL | ECE | Brier |", "|---|---|---|---|---|", *rows])
+        )
+    return "\n\n".join(parts)
 
 
 def _config_section(configs: dict[str, ABMLLConfig]) -> str:

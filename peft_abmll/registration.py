@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, cast
 
+from .hub import write_model_card
 from .peft_type import PREFIX, ABMLLPeftType
 from .pickle_policy import install_pickle_guard
 from .tuner.config import ABMLLConfig
@@ -39,7 +41,32 @@ def register() -> None:
     for table, value in tables:
         table[key] = value
     install_pickle_guard()
+    install_model_card_writer()
     check_transformers_peft_versions()
+
+
+def install_model_card_writer() -> bool:
+    """Make every ``PeftModel.save_pretrained`` of an ABMLL adapter write the ABMLL model card (idempotent).
+
+    PEFT's own card is a blank template; a folder saved by ``save_pretrained``, ``Trainer.save_model`` or the
+    CLI and uploaded with the Hub's own tools then shows what the adapter is and how to load it.
+    """
+    from peft import PeftModel
+
+    current = PeftModel.create_or_update_model_card
+    if getattr(current, "_abmll", False):
+        return True
+
+    @functools.wraps(current)
+    def create_or_update_model_card(self: Any, output_dir: str) -> None:
+        if any(isinstance(c, ABMLLConfig) for c in getattr(self, "peft_config", {}).values()):
+            write_model_card(self, output_dir)
+            return
+        current(self, output_dir)
+
+    create_or_update_model_card._abmll = True  # type: ignore[attr-defined]
+    PeftModel.create_or_update_model_card = create_or_update_model_card  # type: ignore[method-assign]
+    return True
 
 
 def check_transformers_peft_versions() -> bool:

@@ -111,6 +111,26 @@ def test_one_protocol_object_or_its_fields_give_the_same_evaluation(tok, family)
     assert args.evaluation_protocol().support_size == 2 * args.inner_batch_size
 
 
+def test_evaluation_shows_progress_per_task_and_batch_unless_disabled(tok, family, capsys) -> None:
+    from transformers.utils import logging as hf_logging
+
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+    settings = {"tokenizer": tok, "support_batches": 1, "max_query": 4, "name": "abmll"}
+    quiet = peft_abmll.evaluate_tasks(model, family, progress=False, **settings)
+    assert "evaluating" not in capsys.readouterr().err
+    shown = peft_abmll.evaluate_tasks(model, family, **settings)
+    err = capsys.readouterr().err
+    assert "evaluating abmll" in err and "4/4 [" in err and "task" in err  # the task bar, completed
+    assert "t0" in err and "batch" in err  # one batch bar per task, labelled by the task
+    assert shown["probs"] == quiet["probs"]  # progress changes nothing else
+    hf_logging.disable_progress_bar()
+    try:
+        peft_abmll.evaluate_tasks(model, family, **settings)
+    finally:
+        hf_logging.enable_progress_bar()
+    assert "evaluating" not in capsys.readouterr().err  # transformers' switch turns every bar off
+
+
 def test_predict_proba_same_with_and_without_logits_to_keep(tok, family, monkeypatch) -> None:
     from peft_abmll import adaptation
 

@@ -149,3 +149,64 @@ def test_card_lists_every_abmll_adapter(model: PeftModel, tmp_path: Path) -> Non
     body = write_model_card(model, tmp_path, repo_id="me/x").read_text()
     assert "### Adapter `default`" in body and "### Adapter `task`" in body
     assert "| `r` | `2` |" in body and "| `scale_type` | `softplus` |" in body
+
+
+# ----------------------------------------------------------------------------------------------- every save
+def test_every_save_pretrained_writes_the_abmll_card(model: PeftModel, tmp_path: Path) -> None:
+    """A folder saved by plain `save_pretrained` is ready to upload with the Hub's own tools."""
+    model.save_pretrained(tmp_path / "adapter")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "# ABMLL adapter" in card and "import peft_abmll" in card
+    assert "[More Information Needed]" not in card  # PEFT's blank template is gone
+    assert "No meta-training or evaluation was recorded" in card
+    lora = get_peft_model(tiny_llama(), LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "lora")
+    assert "ABMLL" not in (tmp_path / "lora" / "README.md").read_text()  # other methods keep PEFT's card
+
+
+def test_the_card_says_how_the_adapter_was_trained_and_what_it_scored(tmp_path: Path) -> None:
+    from _tasks import task_family, tiny_lm, tiny_tokenizer
+
+    from peft_abmll import MetaTrainer, MetaTrainingArguments
+
+    tok = tiny_tokenizer()
+    family = task_family(num_tasks=3, per_task=16, seed=0)
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig(task_type="CAUSAL_LM"))
+    args = MetaTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        eval_max_query=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = MetaTrainer(model=model, args=args, train_dataset=family, eval_dataset=family, processing_class=tok)
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model(str(tmp_path / "adapter"))
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "CAUSAL_LM" and saved["training_record"]["meta_training"]["episodes"] == 2
+    assert "Meta-trained with `peft_abmll.MetaTrainer`" in card and "| episodes | `2` |" in card
+    assert "Held-out tasks (`t0`, `t1`, `t2`; 12 query examples" in card
+    assert f"| macro | {metrics['eval_accuracy']:.3f} |" in card
+    assert "pipeline_tag: text-generation" in card
+
+
+def test_the_offline_smollm2_asset_records_its_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from _tasks import tiny_lm, tiny_tokenizer
+
+    from peft_abmll.assets import smollm2
+    from peft_abmll.experiment import load_causal_lm
+
+    tok = tiny_tokenizer()
+    tiny_lm(tok).save_pretrained(tmp_path / "cache-folder")
+    tok.save_pretrained(tmp_path / "cache-folder")
+    monkeypatch.setattr(smollm2, "smollm2_path", lambda install=True: tmp_path / "cache-folder")
+    model_fn, _ = load_causal_lm("smollm2")
+    get_peft_model(model_fn(), ABMLLConfig(task_type="CAUSAL_LM")).save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == smollm2.SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert f"base_model: {smollm2.SMOLLM2_HUB_ID}" in card

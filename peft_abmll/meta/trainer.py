@@ -29,7 +29,7 @@ from transformers import Trainer
 
 from ..algorithms import ABMLLView, NonFiniteLossError, ReptileView, inner_loop, linear_surrogate, query_gradients
 from ..data import EpisodeDataset, EpisodeSampler, prepare_tasks, seeded_torch_rng, unwrap_episode
-from ..evaluation import evaluate_tasks
+from ..evaluation import evaluate_tasks, record_evaluation
 from ..hub import write_model_card
 from .arguments import MetaTrainingArguments
 from .checkpoints import CheckpointSafetyMixin
@@ -129,10 +129,27 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
             config.adaptation_learning_rate = self.args.test_learning_rate
             if self.args.eval_num_samples is not None:
                 config.num_samples = self.args.eval_num_samples
+            config.training_record = {**(config.training_record or {}), "meta_training": self._training_summary()}
         try:
             return super().train(*args, **kwargs)
         finally:
             self.view.reset()
+
+    def _training_summary(self) -> dict[str, Any]:
+        """What the model card says about how the adapter was meta-trained."""
+        a = self.args
+        return {
+            "meta_algorithm": a.meta_algorithm,
+            "global_update": a.global_update,
+            "episodes": a.max_steps,
+            "tasks": len(self.train_dataset) if self.train_dataset is not None else None,
+            "inner_steps": a.inner_steps,
+            "inner_batch_size": a.inner_batch_size,
+            "inner_learning_rate": a.inner_learning_rate,
+            "outer_step_size": a.outer_step_size,
+            "answer_format": a.answer_format,
+            "seed": a.seed,
+        }
 
     # --------------------------------------------------------------------------------- data
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
@@ -347,8 +364,10 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
             name=f"{metric_key_prefix}_step{self.state.global_step}",
             accelerator=self.accelerator,
             protocol=self.args.evaluation_protocol(),
+            progress=not self.args.disable_tqdm,
         )
         self.view.reset()
+        record_evaluation(model, results)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in results["macro"].items()}
         metrics.update({f"{metric_key_prefix}_pooled_{k}": v for k, v in results["pooled"].items()})
         self.log(metrics)

@@ -198,6 +198,14 @@ class ABMLLConfig(PeftConfig):
             "None: the package default (3e-4)."
         },
     )
+    training_record: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "How the adapter was made and what it scored, written by `MetaTrainer` (meta-algorithm, global "
+            "update, episodes, tasks, inner steps and rates) and by `record_evaluation` (held-out tasks, macro "
+            "metrics, examples); shown in the model card that every save writes. Not a setting: nothing reads it."
+        },
+    )
     posterior: Literal["global", "local"] = field(
         default="global",
         metadata={
