@@ -506,16 +506,9 @@ def cmd_adapt(args: ParsedArgs) -> Path:
     tasks = prepare_tasks(resolve_tasks([options.task], margs.max_choices), margs.max_choices)
     examples = [e for task in tasks.values() for e in task][: options.support]
     model, tokenizer = _load_adapted_model(args)
-    logs = adapt(
-        model,
-        examples,
-        tokenizer=tokenizer,
-        steps=margs.adaptation_steps,
-        batch_size=margs.inner_batch_size,
-        lr=margs.adaptation_learning_rate,
-        seed=margs.seed,
-        task=options.task,
-    )
+    protocol = margs.evaluation_protocol(lr=margs.adaptation_learning_rate)  # None: the adapter's recorded rate
+    encoder = margs.task_encoder(tokenizer)
+    logs = adapt(model, examples, encoder=encoder, **protocol.adapt_settings(), seed=margs.seed, task=options.task)
     target = Path(options.save_to or _output_dir(margs) / "adapted")
     save_adapted(model, target)
     print(f"Adapted on {len(examples)} examples (final NLL {logs[-1]['nll']:.3f}); adapter saved to {target}")

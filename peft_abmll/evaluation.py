@@ -67,6 +67,17 @@ class EvaluationProtocol:
     def support_size(self) -> int:
         return self.support_batches * self.batch_size
 
+    def adapt_settings(self) -> dict[str, Any]:
+        """The keyword arguments of `peft_abmll.adapt` this protocol fixes."""
+        return {
+            "steps": self.support_batches,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "optimizer": self.optimizer,
+            "beta": self.beta,
+            "num_shots": self.num_shots,
+        }
+
 
 def evaluate_tasks(
     model: nn.Module,
@@ -172,19 +183,7 @@ def _evaluate_task(
     query = [examples[i] for i in order[p.support_size :]][: p.max_query]
     with adaptation_scope(model), seeded_torch_rng(p.seed, t):
         if p.support_batches > 0:
-            adapt(
-                model,
-                support,
-                encoder=encoder,
-                steps=p.support_batches,
-                batch_size=p.batch_size,
-                lr=p.lr,
-                optimizer=p.optimizer,
-                beta=p.beta,
-                num_shots=p.num_shots,
-                seed=p.seed + t,
-                task=task,
-            )
+            adapt(model, support, encoder=encoder, **p.adapt_settings(), seed=p.seed + t, task=task)
         probs = predict_proba(
             model,
             query,

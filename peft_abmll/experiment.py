@@ -98,9 +98,10 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32") -> tuple[Callable[
 
     def fresh() -> nn.Module:
         if "model" not in state:
-            state["model"] = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+            model: Any = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
             if hub_id is not None:  # adapters record the Hub id as their base model, not the cache folder
-                state["model"].config._name_or_path = state["model"].name_or_path = hub_id
+                model.config._name_or_path = model.name_or_path = hub_id
+            state["model"] = model
         import copy
 
         return copy.deepcopy(state["model"])

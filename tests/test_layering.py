@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "peft_abmll"
 
 #: Lowest first. Patterns are module names relative to the package.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["_version", "peft_type", "bayes", "fused", "global_update", "metrics", "tables", "data", "files"]),
+    ("foundation", ["_lazy", "_version", "peft_type", "bayes", "fused", "global_update", "metrics", "tables"]),
+    ("data", ["data", "files"]),
     ("assets", ["assets", "assets.*", "synthetic"]),
     ("tuner", ["tuner", "tuner.*", "pickle_policy", "registration", "export", "hub"]),
     ("core", ["algorithms"]),
