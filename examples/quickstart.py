@@ -33,15 +33,14 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 def train_step(model: PeftModel, input_ids: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-    """One step on NLL + beta * KL(q_local || p_global) per adapted entry (the tempered ABMLL objective)."""
+    """One step on the Bayesian objective: the model's training loss is NLL + loss_beta * -log p(global) per entry."""
     model.train()  # training forward passes sample a weight update from the posterior
-    nll = model(input_ids=input_ids, labels=input_ids).loss
-    kl = model.kl_divergence() / model.num_adapted_entries()  # float32, per adapted weight entry (kl_reduction)
-    loss = nll + model.peft_config["default"].beta * kl
+    loss = model(input_ids=input_ids, labels=input_ids).loss  # the variational term is already in it
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-    print(f"nll={nll.item():.4f}  kl={kl.item():.3e}  loss={loss.item():.4f}")
+    terms = model.base_model.pop_loss_logs()  # abmll_nll, abmll_neg_log_prior of this step
+    print(f"loss={loss.item():.4f}  " + "  ".join(f"{k}={v:.4f}" for k, v in terms.items()))
 
 
 @torch.no_grad()
