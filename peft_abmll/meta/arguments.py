@@ -208,7 +208,7 @@ class MetaTrainingArguments(TrainingArguments):
         protocol = EvaluationProtocol(
             support_batches=self.adaptation_steps,
             batch_size=self.inner_batch_size,
-            lr=self.test_learning_rate,
+            lr=self.resolved_adaptation_learning_rate,
             optimizer=self.inner_optimizer,
             beta=self.beta,
             num_samples=self.eval_num_samples,
@@ -221,7 +221,8 @@ class MetaTrainingArguments(TrainingArguments):
         return dataclasses.replace(protocol, **overrides) if overrides else protocol
 
     @property
-    def test_learning_rate(self) -> float:
+    def resolved_adaptation_learning_rate(self) -> float:
+        """`adaptation_learning_rate`, or the inner rate when it is None."""
         return self.inner_learning_rate if self.adaptation_learning_rate is None else self.adaptation_learning_rate
 
     def _validate_meta(self) -> None:
@@ -241,8 +242,12 @@ class MetaTrainingArguments(TrainingArguments):
         for name in ("query_batches", "num_shots", "adaptation_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
-        if self.inner_learning_rate <= 0 or self.test_learning_rate <= 0:
-            raise ValueError("inner_learning_rate and adaptation_learning_rate must be > 0.")
+        for name, rate in (
+            ("inner_learning_rate", self.inner_learning_rate),
+            ("adaptation_learning_rate", self.resolved_adaptation_learning_rate),
+        ):
+            if not (math.isfinite(rate) and rate > 0):
+                raise ValueError(f"{name}={rate} must be a finite number > 0.")
         if self.beta is not None and self.beta < 0:
             raise ValueError(f"beta={self.beta} must be >= 0.")
         if self.first_order and self.query_batches < 1:

@@ -126,7 +126,7 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
         """
         if isinstance(self.view, ABMLLView):
             config = self.view.tuner.abmll_config()
-            config.adaptation_learning_rate = self.args.test_learning_rate
+            config.adaptation_learning_rate = self.args.resolved_adaptation_learning_rate
             if self.args.eval_num_samples is not None:
                 config.num_samples = self.args.eval_num_samples
             config.training_record = {**(config.training_record or {}), "meta_training": self._training_summary()}
