@@ -17,6 +17,8 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from .assets import load_bigbench_task, load_hub_task, load_task_file
+from .assets.smollm2 import SMOLLM2_HUB_ID, smollm2_path
 from .baselines import train_method
 from .evaluation import evaluate_tasks
 from .files import save_pretrained_atomic
@@ -66,8 +68,6 @@ DEMO_EVAL_TASKS = (
 
 def resolve_tasks(specs: Sequence[str], max_choices: int = 4) -> dict[str, Dataset]:
     """Load tasks by spec: a local file path, ``hf:<dataset id>`` (needs the Hub), or a BIG-bench task name."""
-    from .assets import load_bigbench_task, load_hub_task, load_task_file
-
     tasks: dict[str, Dataset] = {}
     for spec in specs:
         if Path(spec).exists():
@@ -89,8 +89,6 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32") -> tuple[Callable[
 
     hub_id = None
     if name_or_path == "smollm2":
-        from .assets.smollm2 import SMOLLM2_HUB_ID, smollm2_path
-
         name_or_path, hub_id = str(smollm2_path(install=True)), SMOLLM2_HUB_ID
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     torch_dtype = getattr(torch, dtype)

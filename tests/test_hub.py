@@ -197,14 +197,14 @@ def test_the_card_says_how_the_adapter_was_trained_and_what_it_scored(tmp_path: 
 def test_the_offline_smollm2_asset_records_its_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from _tasks import tiny_lm, tiny_tokenizer
 
+    from peft_abmll import experiment
     from peft_abmll.assets import smollm2
-    from peft_abmll.experiment import load_causal_lm
 
     tok = tiny_tokenizer()
     tiny_lm(tok).save_pretrained(tmp_path / "cache-folder")
     tok.save_pretrained(tmp_path / "cache-folder")
-    monkeypatch.setattr(smollm2, "smollm2_path", lambda install=True: tmp_path / "cache-folder")
-    model_fn, _ = load_causal_lm("smollm2")
+    monkeypatch.setattr(experiment, "smollm2_path", lambda install=True: tmp_path / "cache-folder")
+    model_fn, _ = experiment.load_causal_lm("smollm2")
     get_peft_model(model_fn(), ABMLLConfig(task_type="CAUSAL_LM")).save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == smollm2.SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
