@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("adaptation", ["adaptation", "evaluation"]),
     ("trainer", ["meta", "meta.*", "baselines", "callbacks"]),
     ("experiment", ["experiment"]),
-    ("cli", ["cli"]),
+    ("cli", ["cli", "integrations", "integrations.*"]),
 ]
 
 
