@@ -209,3 +209,24 @@ def test_screen_separates_a_learnable_task_from_zero_shot(tok, tmp_path) -> None
     assert result["passes"]
     line = screen.table([result, {"task": "tiny", "format": "letter", "skipped": "12 examples"}])
     assert "| t0 | letter | 60 / 100 | 60 × 2 | 0.33 |" in line and "skipped: 12 examples" in line
+
+
+def test_dropin_benchmark_compares_lora_and_abmll_on_the_same_examples(tok, tmp_path) -> None:
+    """The single-task drop-in benchmark on a generated task: same split for both, paired table, S modes."""
+    from _tasks import task_family, tiny_lm
+
+    dropin = _load_script("dropin")
+    rows = [dict(r) for r in task_family(num_tasks=1, per_task=40, seed=0)]
+    args = dropin.main.__globals__["argparse"].Namespace(
+        train=24, eval=12, epochs=1.0, batch=4, lr=1e-2, r=4, max_length=48, samples=[1, 2], work_dir=str(tmp_path)
+    )
+    args.quiet = True
+    records = dropin.run_seed(0, rows, lambda: tiny_lm(tok), tok, args)
+    assert [r["name"] for r in records] == ["lora", "abmll-S1", "abmll-S2"]
+    assert all(r["labels"] == records[0]["labels"] and len(r["probs"]) == 12 for r in records)  # the same examples
+    assert records[1]["probs"] != records[2]["probs"]  # two samples are not the posterior mean
+    train, held_out = dropin.split(rows, 24, 12, 0)
+    assert len(train) == 24 and len(held_out) == 12 and not {id(r) for r in train} & {id(r) for r in held_out}
+    table = dropin.summary(records + [{**r, "seed": 1} for r in records]).splitlines()
+    assert table[2].startswith("| lora | 2 | 24 |") and table[2].endswith("– | – | – | – |")
+    assert table[4].startswith("| abmll-S2 | 2 | 24 |") and "–" not in table[4]
