@@ -34,13 +34,13 @@ _EXPORTS = {
     "MetaTrainingArguments": "peft_abmll.meta.arguments",
     "NonFiniteLossError": "peft_abmll.algorithms",
     "allow_pickle": "peft_abmll.pickle_policy",
-    "VariationalLossCallback": "peft_abmll.callbacks",
+    "VariationalLossCallback": "peft_abmll.plain_trainer",
+    "variational_loss": "peft_abmll.plain_trainer",
 }
 
 if TYPE_CHECKING:
     from .adaptation import adapt, adaptation_scope, predict_proba, save_adapted
     from .algorithms import NonFiniteLossError
-    from .callbacks import VariationalLossCallback
     from .data import TaskEncoder, format_prompt, prepare_tasks
     from .evaluation import EvaluationProtocol, evaluate_tasks
     from .export import export_lora
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from .meta.arguments import MetaTrainingArguments
     from .meta.trainer import MetaTrainer
     from .pickle_policy import allow_pickle
+    from .plain_trainer import VariationalLossCallback, variational_loss
 
 
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
@@ -77,4 +78,5 @@ __all__ = [
     "register",
     "save_adapted",
     "save_pretrained_atomic",
+    "variational_loss",
 ]

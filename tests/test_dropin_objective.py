@@ -66,6 +66,27 @@ def test_local_training_adds_the_kl_to_the_global_posterior_weighted_by_loss_bet
     torch.testing.assert_close(_loss(model, batch), nll + 0.5 * kl)
 
 
+def test_a_loss_computed_from_the_logits_gets_the_term_through_variational_loss(tok) -> None:
+    """Trainers that compute the loss from the logits (TRL's SFTTrainer) pass `peft_abmll.variational_loss`."""
+    model = _model(tok).train()
+    batch = _batch(tok)
+    labels = batch.pop("labels")
+    with seeded_torch_rng(1):
+        outputs = model(**batch)  # no labels: the term rides along as outputs.abmll_regularizer
+    assert outputs.loss is None and outputs.abmll_regularizer.requires_grad
+    torch.testing.assert_close(peft_abmll.variational_loss(outputs, labels), _loss(model, {**batch, "labels": labels}))
+    with model.base_model.objective_owned(), seeded_torch_rng(1):
+        bare = model(**batch)
+    assert "abmll_regularizer" not in bare
+    expected = _loss_owned(model, {**batch, "labels": labels})
+    torch.testing.assert_close(peft_abmll.variational_loss(bare, labels), expected)  # no term: the NLL
+
+
+def _loss_owned(model, batch) -> torch.Tensor:
+    with model.base_model.objective_owned():
+        return _loss(model, batch)
+
+
 def test_loss_beta_zero_is_the_bare_data_loss(tok) -> None:
     model = _model(tok, loss_beta=0.0).train()
     batch = _batch(tok)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("tuner", ["tuner", "tuner.*", "pickle_policy", "registration", "export", "hub"]),
     ("core", ["algorithms"]),
     ("adaptation", ["adaptation", "evaluation"]),
-    ("trainer", ["meta", "meta.*", "baselines", "callbacks"]),
+    ("trainer", ["meta", "meta.*", "baselines", "plain_trainer"]),
     ("experiment", ["experiment"]),
     ("cli", ["cli", "integrations", "integrations.*"]),
 ]

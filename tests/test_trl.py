@@ -1,8 +1,9 @@
 """TRL's `SFTTrainer` with `peft_config=ABMLLConfig(...)`: trains, saves, reloads.
 
 TRL is an optional test dependency (the `test` extra installs it); the module is skipped without it. TRL 1.x's
-SFTTrainer computes its loss from the model's token log-probabilities itself, not from ``outputs.loss``, so the
-variational terms the model adds there do not reach it (docs/guides/pipelines.md says so).
+SFTTrainer computes its loss from the model's token log-probabilities itself, not from ``outputs.loss``; with
+``compute_loss_func=peft_abmll.variational_loss`` it computes it from the logits, and the variational term the model
+attaches to its outputs is added (docs/guides/pipelines.md).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from _tasks import tiny_lm
 from datasets import Dataset
 from peft import PeftModel
 
-from peft_abmll import ABMLLConfig, ABMLLModel
+from peft_abmll import ABMLLConfig, ABMLLModel, VariationalLossCallback, variational_loss
 
 trl = pytest.importorskip("trl", reason="TRL is an optional test dependency: pip install trl")
 
@@ -41,6 +42,8 @@ def test_sft_trainer_trains_saves_and_reloads_an_abmll_adapter(tok, tmp_path) ->
         train_dataset=Dataset.from_dict({"text": texts}),
         processing_class=tok,
         peft_config=ABMLLConfig(task_type="CAUSAL_LM", init_std=0.05),
+        compute_loss_func=variational_loss,  # the Bayesian objective (TRL's own loss ignores outputs.loss)
+        callbacks=[VariationalLossCallback()],
     )
     model = trainer.model
     assert isinstance(model, PeftModel) and isinstance(model.base_model, ABMLLModel)
@@ -48,7 +51,8 @@ def test_sft_trainer_trains_saves_and_reloads_an_abmll_adapter(tok, tmp_path) ->
     trainer.train()
     moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert moved and all("abmll_global_" in n for n in moved)  # the global posterior trained
-    assert [h["loss"] for h in trainer.state.log_history if "loss" in h]  # it logged its training loss
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("abmll_neg_log_prior" in h for h in logged)  # the variational term was in the loss
 
     trainer.save_model(str(tmp_path / "adapter"))
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

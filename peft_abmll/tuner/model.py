@@ -232,11 +232,12 @@ class ABMLLModel(BaseTuner):
 
         A forward hook on the wrapped model, so it applies however the model is called (``PeftModel.forward``
         calls the wrapped model directly, ``PeftModelForCausalLM`` goes through this tuner): any Trainer or loop
-        that minimises ``outputs.loss`` optimises the Bayesian objective. Off inside `objective_owned` (a
-        meta-learning loop adds its own terms), in eval mode, without a loss, and at weight 0. The terms are kept
-        for logging (`pop_loss_logs`).
+        that minimises ``outputs.loss`` optimises the Bayesian objective. Called without labels, the term is
+        attached as ``outputs.abmll_regularizer`` for loss functions that work from the logits
+        (`peft_abmll.variational_loss`). Off inside `objective_owned` (a meta-learning loop adds its own terms),
+        in eval mode and at weight 0. The terms are kept for logging (`pop_loss_logs`).
         """
-        if not module.training or self._objective_owners or getattr(output, "loss", None) is None:
+        if not module.training or self._objective_owners or not hasattr(output, "logits"):
             return output
         if not any(True for _ in self.abmll_layers_with_adapter()):
             return output
@@ -244,10 +245,17 @@ class ABMLLModel(BaseTuner):
         if weight == 0:
             return output
         regularizer, logs = self.variational_regularizer()
+        loss = getattr(output, "loss", None)
+        if loss is not None:
+            logs = {"nll": loss.detach().float().item(), **logs}
         store = self.__dict__.setdefault("_loss_logs", {})
-        for key, value in {"nll": output.loss.detach().float().item(), **logs}.items():
+        for key, value in logs.items():
             store.setdefault(key, []).append(value)
-        output.loss = output.loss + weight * regularizer.to(output.loss.device, output.loss.dtype)
+        term = weight * regularizer.to(output.logits.device)
+        if loss is None:  # a trainer computes the loss from the logits: `peft_abmll.variational_loss` adds this
+            output["abmll_regularizer"] = term
+        else:
+            output.loss = loss + term.to(loss.dtype)
         return output
 
     def variational_regularizer(self) -> tuple[torch.Tensor, dict[str, float]]:
