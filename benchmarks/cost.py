@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peft_abmll.tables import render_table
+
 MODELS = {
     "smollm2": "SmolLM2-135M-Instruct (30 layers, d=576)",
     "llama2048": "random Llama, 4 layers, d=2048, ffn 5632, vocab 32000",
@@ -206,25 +208,22 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(summary: dict[str, Any]) -> str:
-    lines = [
-        f"{'model':<10} {'method':<13} {'step s':>7} {'x LoRA':>7} {'episode':>8} {'x LoRA':>7} "
-        f"{'peak MB':>8} {'x LoRA':>7} {'train MB':>9} {'x LoRA':>7} {'infer x base':>12}"
-    ]
+    """One row per (model, method): times, memory and their ratios to LoRA; S-sample prediction cost below."""
+    header = ["model", "method", "step s", "x LoRA", "episode", "x LoRA", "peak MB", "x LoRA", "train MB", "x LoRA"]
+    header.append("infer x base")
+    rows, notes = [], []
     for model, per in summary.items():
         for method, m in per.items():
-            lines.append(
-                f"{model:<10} {method:<13} {m['step_s']:>7.3f} {m['step_ratio']:>7.3f} {m['episode_s']:>8.3f} "
-                f"{m['episode_ratio']:>7.3f} {m['peak_rss_mb']:>8.0f} {m['peak_ratio']:>7.3f} "
-                f"{m['train_rss_mb']:>9.0f} {m['train_mem_ratio']:>7.3f} "
-                f"{m.get('infer_ratio_vs_base', float('nan')):>12.3f}"
-            )
+            cells = [f"{m['step_s']:.3f}", f"{m['step_ratio']:.3f}"]
+            cells += [f"{m['episode_s']:.3f}", f"{m['episode_ratio']:.3f}"]
+            cells += [f"{m['peak_rss_mb']:.0f}", f"{m['peak_ratio']:.3f}", f"{m['train_rss_mb']:.0f}"]
+            cells += [f"{m['train_mem_ratio']:.3f}", f"{m.get('infer_ratio_vs_base', float('nan')):.3f}"]
+            rows.append([model, method, *cells])
         samples = {k: v for k, v in per.get("abmll-local", {}).items() if k.endswith("_ratio_vs_mean")}
         if samples:
-            lines.append(
-                f"{'':<10} S posterior samples, time x mean mode: "
-                + ", ".join(f"S={k.split('_')[1]}: {v:.2f}" for k, v in samples.items())
-            )
-    return "\n".join(lines)
+            ratios = ", ".join(f"S={k.split('_')[1]}: {v:.2f}" for k, v in samples.items())
+            notes.append(f"{model}: S posterior samples, time x mean mode: {ratios}")
+    return "\n".join([render_table(header, rows, min_widths=[10, 13]), *notes])
 
 
 def main() -> None:

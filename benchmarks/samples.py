@@ -32,6 +32,7 @@ from peft_abmll.evaluation import evaluate_tasks
 from peft_abmll.metrics import METRICS as ALL_METRICS
 from peft_abmll.metrics import bootstrap_interval
 from peft_abmll.synthetic import best_probabilities, task_family, tiny_lm, tiny_tokenizer
+from peft_abmll.tables import render_table
 
 METRICS = {key: ALL_METRICS[key] for key in ("accuracy", "nll", "ece")}
 
@@ -90,32 +91,26 @@ def evaluate_modes(model: Any, tokenizer: Any, seed: int, args: argparse.Namespa
 
 
 def table(records: list[dict[str, Any]], noise: float) -> str:
+    """The calibrated predictor's numbers, then one Markdown row per (beta, seed, prediction mode)."""
     best = torch.tensor(best_probabilities(noise))
     entropy = float(-(best * best.log()).sum())
-    lines = [
-        f"calibrated predictor (known truth): NLL {entropy:.3f}, ECE 0",
-        "| beta | seed | mode | n | accuracy [95 % CI] | NLL [CI] | Δ NLL vs mean [CI] | ECE [CI] "
-        "| Δ ECE vs mean [CI] | eval time × mean |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["beta", "seed", "mode", "n", "accuracy [95 % CI]", "NLL [CI]", "Δ NLL vs mean [CI]", "ECE [CI]"]
+    header += ["Δ ECE vs mean [CI]", "eval time × mean"]
+    rows = []
     for r in records:
         for mode, row in r["modes"].items():
+            cells = [_cell(row, k) for k in ("accuracy", "nll", "nll_minus_mean", "ece", "ece_minus_mean")]
+            rows.append([f"{r['beta']:g}", str(r["seed"]), mode, str(row["nll"]["n"]), *cells])
+            rows[-1].append(f"{row['seconds_ratio']:.2f}")
+    note = f"calibrated predictor (known truth): NLL {entropy:.3f}, ECE 0"
+    return note + "\n" + render_table(header, rows, markdown=True)
 
-            def cell(key: str, row: dict = row) -> str:
-                if key not in row:
-                    return "–"
-                v = row[key]
-                return (
-                    f"{v['value']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
-                    if "minus" in key
-                    else (f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]")
-                )
 
-            lines.append(
-                f"| {r['beta']:g} | {r['seed']} | {mode} | {row['nll']['n']} | {cell('accuracy')} | {cell('nll')} "
-                f"| {cell('nll_minus_mean')} | {cell('ece')} | {cell('ece_minus_mean')} | {row['seconds_ratio']:.2f} |"
-            )
-    return "\n".join(lines)
+def _cell(row: dict[str, Any], key: str) -> str:
+    if key not in row:
+        return "–"
+    v, fmt = row[key], "{:+.3f}" if "minus" in key else "{:.3f}"
+    return f"{fmt.format(v['value'])} [{fmt.format(v['low'])}, {fmt.format(v['high'])}]"
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ def render_table(
 ) -> str:
     """`rows` of already formatted cells under `header`.
 
-    Plain text pads each column to its widest cell (at least ``min_widths[i]``) and joins cells with `sep`;
+    Plain text pads each column to its widest cell (at least ``min_widths[i]``, for the first columns given) and
+    joins cells with `sep`;
     Markdown ignores widths. Every row must have as many cells as the header.
     """
     bad = [i for i, row in enumerate(rows) if len(row) != len(header)]
@@ -26,7 +27,7 @@ def render_table(
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    floor = list(min_widths or [0] * len(header))
+    floor = [*(min_widths or ()), *[0] * len(header)][: len(header)]  # missing widths: 0
     widths = [max([floor[i], len(header[i]), *(len(row[i]) for row in rows)]) for i in range(len(header))]
     return "\n".join(
         sep.join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))

@@ -10,6 +10,7 @@ from peft_abmll.tables import render_table
 def test_plain_text_pads_columns_to_the_widest_cell() -> None:
     text = render_table(["name", "n"], [["abmll", "5"], ["a", "1234"]], min_widths=[6, 0])
     assert text.splitlines() == ["name      n", "abmll     5", "a      1234"]
+    assert render_table(["name", "n"], [["abmll", "5"]], min_widths=[8]).splitlines()[1] == "abmll    5"
 
 
 def test_markdown_has_a_separator_row_and_ignores_widths() -> None:
