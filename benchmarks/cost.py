@@ -4,7 +4,8 @@
     python benchmarks/cost.py --models llama2048 --batch 2 --seq 128 --reps 5
 
 Every configuration runs in a fresh subprocess (so its peak resident memory is its own) on the same model,
-rank, targets, batch and sequence length; ratios are against the LoRA numbers measured in the same run.
+rank, targets, batch and sequence length. The methods run in ``--rounds`` rounds, each round in a rotated order;
+every ratio is against the LoRA run of the same round, and the table gives the median over rounds and the range.
 Prints a table and writes JSON (default ``benchmarks/results/cost.json``).
 
 Measured per configuration:
@@ -179,43 +180,72 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per model and method: the median over rounds of every time, memory and ratio, with the ratios' range.
+
+    Each ratio is taken against the LoRA run of the same round (run minutes apart at most), then the rounds are
+    summarised; ``<ratio>_min`` / ``<ratio>_max`` give the spread between rounds.
+    """
     summary: dict[str, Any] = {}
     for model in sorted({r["model"] for r in rows}):
-        lora = next(r for r in rows if r["model"] == model and r["method"] == "lora")
-        per = {}
-        for r in rows:
-            if r["model"] != model:
-                continue
-            per[r["method"]] = {
-                "step_s": r["step_s"],
-                "step_ratio": r["step_s"] / lora["step_s"],
-                "episode_s": r["episode_s"],
-                "episode_ratio": r["episode_s"] / lora["episode_s"],
-                "peak_rss_mb": r["peak_rss_mb"],
-                "peak_ratio": r["peak_rss_mb"] / lora["peak_rss_mb"],
-                "train_rss_mb": r["train_rss_mb"],
-                "train_mem_ratio": r["train_rss_mb"] / max(lora["train_rss_mb"], 1e-9),
-                "infer_s": r["infer_s"],
-            }
-            if "infer_base_s" in r:
-                per[r["method"]]["infer_ratio_vs_base"] = r["infer_s"] / r["infer_base_s"]
-            for key in r:
-                if key.startswith("samples_"):
-                    per[r["method"]][key] = r[key]
-                    per[r["method"]][key.replace("_s", "_ratio_vs_mean")] = r[key] / r["infer_s"]
+        rounds = sorted({r.get("round", 0) for r in rows if r["model"] == model})
+        per_round = [
+            _round_summary([r for r in rows if r["model"] == model and r.get("round", 0) == k]) for k in rounds
+        ]
+        per: dict[str, Any] = {}
+        for method in dict.fromkeys(m for one in per_round for m in one):
+            values = [one[method] for one in per_round if method in one]
+            per[method] = {key: statistics.median(v[key] for v in values) for key in values[0]}
+            for key in values[0]:
+                if "ratio" in key:
+                    per[method][f"{key}_min"] = min(v[key] for v in values)
+                    per[method][f"{key}_max"] = max(v[key] for v in values)
+            per[method]["rounds"] = len(values)
         summary[model] = per
     return summary
 
 
+def _round_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """One round of one model: every method's numbers and their ratios to that round's LoRA."""
+    lora = next(r for r in rows if r["method"] == "lora")
+    per = {}
+    for r in rows:
+        per[r["method"]] = {
+            "step_s": r["step_s"],
+            "step_ratio": r["step_s"] / lora["step_s"],
+            "episode_s": r["episode_s"],
+            "episode_ratio": r["episode_s"] / lora["episode_s"],
+            "peak_rss_mb": r["peak_rss_mb"],
+            "peak_ratio": r["peak_rss_mb"] / lora["peak_rss_mb"],
+            "train_rss_mb": r["train_rss_mb"],
+            "train_mem_ratio": r["train_rss_mb"] / max(lora["train_rss_mb"], 1e-9),
+            "infer_s": r["infer_s"],
+        }
+        if "infer_base_s" in r:
+            per[r["method"]]["infer_ratio_vs_base"] = r["infer_s"] / r["infer_base_s"]
+        for key in r:
+            if key.startswith("samples_"):
+                per[r["method"]][key] = r[key]
+                per[r["method"]][key.replace("_s", "_ratio_vs_mean")] = r[key] / r["infer_s"]
+    return per
+
+
+def rotated(methods: list[str], round_index: int) -> list[str]:
+    """`methods` in the order of round `round_index`: each round starts one later, so drift does not favour one."""
+    k = round_index % len(methods)
+    return methods[k:] + methods[:k]
+
+
 def table(summary: dict[str, Any]) -> str:
     """One row per (model, method): times, memory and their ratios to LoRA; S-sample prediction cost below."""
-    header = ["model", "method", "step s", "x LoRA", "episode", "x LoRA", "peak MB", "x LoRA", "train MB", "x LoRA"]
-    header.append("infer x base")
+    header = ["model", "method", "step s", "x LoRA", "episode", "x LoRA", "range", "peak MB", "x LoRA", "train MB"]
+    header += ["x LoRA", "infer x base"]
     rows, notes = [], []
     for model, per in summary.items():
         for method, m in per.items():
             cells = [f"{m['step_s']:.3f}", f"{m['step_ratio']:.3f}"]
             cells += [f"{m['episode_s']:.3f}", f"{m['episode_ratio']:.3f}"]
+            low, high = m.get("episode_ratio_min", m["episode_ratio"]), m.get("episode_ratio_max", m["episode_ratio"])
+            cells.append(f"{low:.2f}-{high:.2f}")
             cells += [f"{m['peak_rss_mb']:.0f}", f"{m['peak_ratio']:.3f}", f"{m['train_rss_mb']:.0f}"]
             cells += [f"{m['train_mem_ratio']:.3f}", f"{m.get('infer_ratio_vs_base', float('nan')):.3f}"]
             rows.append([model, method, *cells])
@@ -234,6 +264,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="Every method runs once per round, rounds alternate the order; medians."
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--out", default="benchmarks/results/cost.json")
@@ -243,19 +276,20 @@ def main() -> None:
         return
     rows = []
     for model in args.models:
-        for method in args.methods:
-            spec = {
-                "model": model,
-                "method": method,
-                "batch": args.batch,
-                "seq": args.seq,
-                "reps": args.reps,
-                "threads": args.threads,
-                "samples": args.samples,
-                "inference_base": True,
-            }
-            print(f"running {model} / {method} ...", file=sys.stderr, flush=True)
-            rows.append(run(spec))
+        for round_index in range(args.rounds):
+            for method in rotated(list(args.methods), round_index):
+                spec = {
+                    "model": model,
+                    "method": method,
+                    "batch": args.batch,
+                    "seq": args.seq,
+                    "reps": args.reps,
+                    "threads": args.threads,
+                    "samples": args.samples,
+                    "inference_base": True,
+                }
+                print(f"running {model} / {method} (round {round_index + 1})", file=sys.stderr, flush=True)
+                rows.append({**run(spec), "round": round_index})
     summary = summarise(rows)
     print(table(summary))
     out = Path(args.out)

@@ -230,3 +230,29 @@ def test_dropin_benchmark_compares_lora_and_abmll_on_the_same_examples(tok, tmp_
     table = dropin.summary(records + [{**r, "seed": 1} for r in records]).splitlines()
     assert table[2].startswith("| lora | 2 | 24 |") and table[2].endswith("– | – | – | – |")
     assert table[4].startswith("| abmll-S2 | 2 | 24 |") and "–" not in table[4]
+
+
+def test_cost_ratios_are_per_round_medians_with_their_spread() -> None:
+    """Each round's ABMLL is compared with that round's LoRA; the table gives the median and the range."""
+    cost = _load_script("cost")
+
+    def row(method: str, k: int, seconds: float) -> dict:
+        return {
+            "model": "m",
+            "method": method,
+            "round": k,
+            "step_s": seconds,
+            "episode_s": 5 * seconds,
+            "peak_rss_mb": 1000.0,
+            "train_rss_mb": 100.0,
+            "infer_s": 1.0,
+        }
+
+    lora = [1.0, 2.0, 1.0]  # a slow round for both: the per-round ratio removes it
+    abmll = [1.2, 2.6, 1.1]
+    rows = [row("lora", k, s) for k, s in enumerate(lora)] + [row("abmll-local", k, s) for k, s in enumerate(abmll)]
+    m = cost.summarise(rows)["m"]["abmll-local"]
+    assert m["rounds"] == 3 and m["episode_ratio"] == pytest.approx(1.2)  # median of 1.2, 1.3, 1.1
+    assert (m["episode_ratio_min"], m["episode_ratio_max"]) == (pytest.approx(1.1), pytest.approx(1.3))
+    assert m["step_s"] == pytest.approx(1.2) and "1.10-1.30" in cost.table(cost.summarise(rows))
+    assert cost.rotated(["a", "b", "c"], 1) == ["b", "c", "a"] and cost.rotated(["a", "b"], 2) == ["a", "b"]
