@@ -60,8 +60,11 @@ def install_model_card_writer() -> bool:
     @functools.wraps(current)
     def create_or_update_model_card(self: Any, output_dir: str) -> None:
         if any(isinstance(c, ABMLLConfig) for c in getattr(self, "peft_config", {}).values()):
-            write_model_card(self, output_dir)
-            return
+            try:
+                write_model_card(self, output_dir)
+                return
+            except Exception as error:  # a card must never cost the user their save
+                warnings.warn(f"Could not write the ABMLL model card ({error!r}); PEFT's is written.", stacklevel=2)
         current(self, output_dir)
 
     create_or_update_model_card._abmll = True  # type: ignore[attr-defined]

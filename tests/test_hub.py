@@ -210,3 +210,16 @@ def test_the_offline_smollm2_asset_records_its_hub_id(tmp_path: Path, monkeypatc
     assert saved["base_model_name_or_path"] == smollm2.SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert f"base_model: {smollm2.SMOLLM2_HUB_ID}" in card
+
+
+def test_a_failing_card_never_costs_the_save(model: PeftModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft_abmll import registration
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("card template broken")
+
+    monkeypatch.setattr(registration, "write_model_card", broken)
+    with pytest.warns(UserWarning, match="Could not write the ABMLL model card"):
+        model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "README.md").is_file()  # PEFT's own card
