@@ -37,7 +37,7 @@ from .adaptation import adapt, save_adapted
 from .algorithms import NonFiniteLossError
 from .baselines import METHODS, default_lora_config, train_method
 from .data import prepare_tasks
-from .evaluation import evaluate_tasks
+from .evaluation import evaluate_tasks, record_evaluation
 from .experiment import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, compare_methods, format_table, load_causal_lm, resolve_tasks
 from .files import save_pretrained_atomic
 from .meta.arguments import MetaTrainingArguments
@@ -485,11 +485,14 @@ def cmd_train(args: ParsedArgs) -> Path:
         {"resume_from_checkpoint": True if resume == "latest" else resume} if resume else {}
     )
     model = train_method(options.method, model_fn, tokenizer, train_tasks, margs, args.abmll_config, **trainer_kwargs)
+    results = _evaluate(model, tokenizer, args, eval_tasks, out) if eval_tasks is not None else None
+    if results is not None:
+        record_evaluation(model, results)  # the saved model card shows the held-out numbers
     adapter = out / "adapter"
     save_pretrained_atomic(model, adapter, tokenizer=tokenizer)
     print(f"Adapter saved to {adapter}")
-    if eval_tasks is not None:
-        _report(_evaluate(model, tokenizer, args, eval_tasks, out))
+    if results is not None:
+        _report(results)
     return adapter
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from .assets import load_bigbench_task, load_hub_task, load_task_file
 from .assets.smollm2 import SMOLLM2_HUB_ID, smollm2_path
 from .baselines import train_method
-from .evaluation import evaluate_tasks
+from .evaluation import evaluate_tasks, record_evaluation
 from .files import save_pretrained_atomic
 from .meta.arguments import MetaTrainingArguments
 from .metrics import plot_reliability_diagram
@@ -156,7 +156,7 @@ def run_method(
     adapter_dir: Optional[Union[str, Path]] = None,
     **train_kwargs: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train one method (`train_method`), save its adapter to `adapter_dir`, evaluate it on `eval_tasks`.
+    """Train one method (`train_method`), evaluate it on `eval_tasks`, save its adapter (and card) to `adapter_dir`.
 
     Returns the trained model and `evaluate_tasks`' results plus ``train_seconds`` and ``eval_seconds``.
     """
@@ -173,8 +173,6 @@ def run_method(
         **train_kwargs,
     )
     train_seconds = time.perf_counter() - start
-    if adapter_dir is not None:
-        save_pretrained_atomic(model, adapter_dir)
     logger.warning("== %s: evaluating on %d held-out task(s)", method, len(_names(eval_tasks)))
     start = time.perf_counter()
     evaluation = evaluate_tasks(
@@ -184,7 +182,11 @@ def run_method(
         protocol=args.evaluation_protocol(),
         progress=not args.disable_tqdm,
     )
-    return model, {**evaluation, "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
+    eval_seconds = time.perf_counter() - start
+    if adapter_dir is not None:  # after the evaluation, so the saved model card shows its numbers
+        record_evaluation(model, evaluation)
+        save_pretrained_atomic(model, adapter_dir)
+    return model, {**evaluation, "train_seconds": train_seconds, "eval_seconds": eval_seconds}
 
 
 def _names(tasks: Union[Dataset, Mapping[str, Dataset]]) -> list[str]:

@@ -115,6 +115,8 @@ def test_train_evaluate_adapt_round_trip(fake, tmp_path: Path, capsys: pytest.Ca
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "tokenizer.json").is_file()
     printed = capsys.readouterr().out
     assert f"Adapter saved to {adapter}" in printed
+    card = (adapter / "README.md").read_text()
+    assert "Meta-trained with `peft_abmll.MetaTrainer`" in card and "Held-out tasks (`held_out`" in card
     assert "held_out" in printed and "macro" in printed  # --eval-tasks report
     assert json.loads((out / "evaluate_results.json").read_text())["per_task"]["held_out"]["n"] == 4
 
@@ -206,6 +208,8 @@ def test_demo_quick(fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     assert all(sorted(r["per_task"]) == HELD_OUT for r in results["methods"].values())
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "abmll" / "adapter" / "adapter_config.json").read_text())["peft_type"] == "ABMLL"
+    card = (out / "abmll" / "adapter" / "README.md").read_text()
+    assert "Held-out tasks (`held_out`, `held_two`" in card and "base_model" not in card.split("---")[1]  # local base
 
 
 # ----------------------------------------------------------------------------------------------- --config
