@@ -143,6 +143,19 @@ def log_gamma_precision(var: torch.Tensor, a0: float, b0: float) -> torch.Tensor
     return a0 * math.log(b0) - math.lgamma(a0) + (a0 - 1.0) * torch.log(precision) - b0 * precision
 
 
+def max_log_prior_per_entry(mean_std: float, a0: float, b0: float) -> float:
+    """The largest value of ``log N(mean; 0, mean_std^2) + log Gamma(1/var; a0, b0)`` for one entry.
+
+    Reached at mean 0 and precision ``(a0 - 1) / b0`` (the Gamma's mode); with ``a0 <= 1`` the Gamma density has
+    no maximum and 0 is returned (no offset).
+    """
+    if a0 <= 1.0:
+        return 0.0
+    mode = (a0 - 1.0) / b0
+    log_gamma = a0 * math.log(b0) - math.lgamma(a0) + (a0 - 1.0) * math.log(mode) - b0 * mode
+    return -0.5 * math.log(2 * math.pi * mean_std**2) + log_gamma
+
+
 def global_variance_direction(
     var_p: torch.Tensor,
     var_q: torch.Tensor,

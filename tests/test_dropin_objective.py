@@ -41,13 +41,35 @@ def test_training_loss_adds_the_hyperprior_of_the_trained_global_posterior(tok, 
     tuner = model.base_model
     with tuner.objective_owned():
         nll = _loss(model, batch)
-    expected = nll - tuner.log_prior() / tuner.num_adapted_entries()  # beta 1, kl_reduction "mean"
+    expected = nll + (tuner._max_log_prior() - tuner.log_prior()) / tuner.num_adapted_entries()  # beta 1, "mean"
     torch.testing.assert_close(_loss(model, batch), expected)
     model.eval()
     with seeded_torch_rng(1):
         eval_loss = model(**batch).loss
     with tuner.objective_owned(), seeded_torch_rng(1):
         torch.testing.assert_close(eval_loss, model(**batch).loss)  # eval mode: the data loss alone
+
+
+def test_the_hyperprior_term_is_zero_at_its_mode_so_a_loss_starts_at_the_nll(tok) -> None:
+    """-log p(global) is measured from its largest value: a fresh adapter (mean 0, std init_std) costs ~0 nats."""
+    for config in (ABMLLConfig(), ABMLLConfig(init_std=0.05), ABMLLConfig(prior_a0=3.0)):
+        with seeded_torch_rng(0):
+            tuner = get_peft_model(tiny_lm(tok), config).base_model
+        value = tuner.variational_regularizer()[1]["neg_log_prior"]
+        assert 0 <= value < 0.01, (config.init_std, config.prior_a0, value)  # measured 0.002 (the floor's share)
+
+
+def test_the_largest_log_prior_matches_torch_distributions() -> None:
+    from torch.distributions import Gamma, Normal
+
+    from peft_abmll import bayes
+
+    for mean_std, a0, b0 in ((1.0, 1.5, 5e-7), (0.3, 3.0, 2e-4)):
+        precision = torch.logspace(-2, 9, 200001, dtype=torch.float64)  # a grid around every mode used here
+        best = Gamma(torch.tensor(a0, dtype=torch.float64), torch.tensor(b0, dtype=torch.float64)).log_prob(precision)
+        reference = Normal(0.0, mean_std).log_prob(torch.tensor(0.0)).item() + best.max().item()
+        assert bayes.max_log_prior_per_entry(mean_std, a0, b0) == pytest.approx(reference, abs=1e-6)
+    assert bayes.max_log_prior_per_entry(1.0, 1.0, 0.01) == 0.0  # no mode: no offset
 
 
 def test_local_training_adds_the_kl_to_the_global_posterior_weighted_by_loss_beta(tok) -> None:

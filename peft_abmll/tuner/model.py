@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .. import bayes
 from ..peft_type import PREFIX
 from .config import ABMLLConfig
 from .layer import ABMLLLayer, Linear
@@ -262,7 +263,8 @@ class ABMLLModel(BaseTuner):
         """The variational terms of whatever posterior trains, reduced per ``kl_reduction`` (float32 scalar).
 
         ``KL(q_local || p_global)`` if the local pairs have ``requires_grad``, ``-log p(global)`` if the global
-        pairs do (both when both train); zero when nothing trains.
+        pairs do (both when both train; measured from its largest value, so it is 0 at the hyperprior's mode and
+        a loss starts at the NLL); zero when nothing trains.
         """
         total = torch.zeros(())
         logs: dict[str, float] = {}
@@ -272,9 +274,18 @@ class ABMLLModel(BaseTuner):
             kl = self.kl_divergence() * scale
             total, logs["kl"] = total + kl.cpu(), kl.item()
         if any(p.requires_grad for p in self.global_parameters()):
-            neg_log_prior = -self.log_prior() * scale
+            neg_log_prior = (self._max_log_prior() - self.log_prior()) * scale  # >= 0, 0 at the hyperprior's mode
             total, logs["neg_log_prior"] = total + neg_log_prior.cpu(), neg_log_prior.item()
         return total, logs
+
+    def _max_log_prior(self) -> float:
+        """The largest value `log_prior` can take (a constant: it shifts the loss, not its gradient)."""
+        total = 0.0
+        for layer, name in self.abmll_layers_with_adapter():
+            s = layer.abmll_settings[name]
+            entries = layer.out_features * layer.in_features
+            total += entries * bayes.max_log_prior_per_entry(s.prior_mean_std, s.prior_a0, s.gamma_rate)
+        return total
 
     @contextlib.contextmanager
     def objective_owned(self) -> Iterator[None]:
