@@ -159,26 +159,38 @@ def _ci(stat: dict, signed: bool = False) -> str:
     return f"{f.format(stat['value'])} [{f.format(stat['low'])}, {f.format(stat['high'])}]"
 
 
-def choose_split(results: list[dict[str, Any]], answer_format: str, seed: int = 0) -> dict[str, Any]:
+def choose_split(
+    results: list[dict[str, Any]], answer_format: str, seed: int = 0, max_per_family: int | None = 2
+) -> dict[str, Any]:
     """Meta-train / validation / untouched lists from the tasks that pass the screen in `answer_format`.
 
     The passing tasks, in a seeded order, go half (rounded up) to ``untouched`` (never trained or tuned on:
     independent checks), then one half of the rest to ``validation`` (rounded up) and the other to
-    ``meta_train``. Tasks that do not pass are listed as ``failing``.
+    ``meta_train``. A family (the part of a name before ``/``, e.g. the many ``multiemo/...`` subtasks) keeps at
+    most `max_per_family` tasks in validation and meta-train together; its others join ``untouched``, so one
+    family cannot dominate what is trained or tuned on. Tasks that do not pass are listed as ``failing``.
     """
     screened = [r for r in results if r["format"] == answer_format and "skipped" not in r]
     passing = sorted(r["task"] for r in screened if r["passes"])
     order = [passing[i] for i in np.random.default_rng(seed).permutation(len(passing))]
     n_untouched = (len(order) + 1) // 2
-    rest = order[n_untouched:]
+    untouched, rest, used = order[:n_untouched], [], {}
+    for task in order[n_untouched:]:
+        family = task.split("/")[0]
+        if max_per_family is not None and used.get(family, 0) >= max_per_family:
+            untouched.append(task)
+            continue
+        used[family] = used.get(family, 0) + 1
+        rest.append(task)
     n_validation = (len(rest) + 1) // 2
     return {
         "format": answer_format,
         "meta_train": sorted(rest[n_validation:]),
         "validation": sorted(rest[:n_validation]),
-        "untouched": sorted(order[:n_untouched]),
+        "untouched": sorted(untouched),
         "failing": sorted(r["task"] for r in screened if not r["passes"]),
-        "rule": "passing tasks in a seeded order: half untouched, then half validation, the rest meta-train",
+        "rule": "passing tasks in a seeded order: half untouched, then half validation, the rest meta-train; "
+        f"at most {max_per_family} of a family outside untouched",
         "seed": seed,
     }
 
@@ -206,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         "--choose-split", metavar="PATH", default=None, help="Only write the split chosen from what --out holds."
     )
     parser.add_argument("--split-format", default="option", choices=["letter", "option"])
+    parser.add_argument("--max-per-family", type=int, default=2, help="Tasks of one family outside untouched.")
     args = parser.parse_args(argv)
     out = Path(args.out)
     results = json.loads(out.read_text())["results"] if out.exists() else []
@@ -213,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table(results))
         return
     if args.choose_split:
-        split = choose_split(results, args.split_format, args.seed)
+        split = choose_split(results, args.split_format, args.seed, args.max_per_family)
         Path(args.choose_split).write_text(json.dumps(split, indent=1) + "\n")
         print(json.dumps(split, indent=1))
         return

@@ -184,6 +184,12 @@ def test_choose_split_keeps_half_the_passing_tasks_untouched() -> None:
     assert set(split["failing"]) == {f"t{i}" for i in range(0, 15, 3)}
     assert screen.choose_split(results, "option", seed=0) == split
     assert screen.choose_split(results, "option", seed=1)["untouched"] != split["untouched"]
+    family = [{"task": f"multiemo/t{i}", "format": "option", "passes": True} for i in range(8)]
+    family += [{"task": f"solo{i}", "format": "option", "passes": True} for i in range(4)]
+    capped = screen.choose_split(family, "option", seed=0, max_per_family=2)
+    tuned = capped["validation"] + capped["meta_train"]
+    assert sum(t.startswith("multiemo/") for t in tuned) <= 2 and len(capped["untouched"]) >= 6
+    assert sorted(tuned + capped["untouched"]) == sorted(r["task"] for r in family)
 
 
 def _load_script(name: str):
