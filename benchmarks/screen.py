@@ -116,6 +116,19 @@ def screen_task(name: str, rows: list, answer_format: str, model_fn: Any, tokeni
     return out
 
 
+def family(task: str) -> str:
+    """The part of a BIG-bench task name before ``/`` (``multiemo/products_text_ja`` -> ``multiemo``)."""
+    return task.split("/")[0]
+
+
+def family_full(results: list[dict[str, Any]], task: str, cap: int | None) -> bool:
+    """True when `cap` other tasks of `task`'s family were screened (skipped ones do not count)."""
+    if cap is None:
+        return False
+    screened = {r["task"] for r in results if "skipped" not in r and r["task"] != task}
+    return sum(family(t) == family(task) for t in screened) >= cap
+
+
 def budget(result: dict[str, Any]) -> str:
     b = result.get("oracle_budget", {"steps": 200, "batch": 2})  # the first results, before it was recorded
     return f"{b['steps']} × {b['batch']}"
@@ -176,11 +189,11 @@ def choose_split(
     n_untouched = (len(order) + 1) // 2
     untouched, rest, used = order[:n_untouched], [], {}
     for task in order[n_untouched:]:
-        family = task.split("/")[0]
-        if max_per_family is not None and used.get(family, 0) >= max_per_family:
+        name = family(task)
+        if max_per_family is not None and used.get(name, 0) >= max_per_family:
             untouched.append(task)
             continue
-        used[family] = used.get(family, 0) + 1
+        used[name] = used.get(name, 0) + 1
         rest.append(task)
     n_validation = (len(rest) + 1) // 2
     return {
@@ -219,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--split-format", default="option", choices=["letter", "option"])
     parser.add_argument("--max-per-family", type=int, default=2, help="Tasks of one family outside untouched.")
+    parser.add_argument(
+        "--screen-per-family",
+        type=int,
+        default=3,
+        help="Screen at most this many tasks of one family (e.g. the 30 multiemo subtasks), for a broad sample.",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     results = json.loads(out.read_text())["results"] if out.exists() else []
@@ -238,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if args.limit is not None and new_tasks >= args.limit:
             break
+        if not args.tasks and family_full(results, name, args.screen_per_family):
+            print(f"== {name}: its family has {args.screen_per_family} screened tasks, next", file=sys.stderr)
+            continue
         rows = load_rows(name, args.max_choices)
         if len(rows) < args.min_examples:
             results += [{"task": name, "format": f, "skipped": f"{len(rows)} examples"} for f in args.formats]

@@ -53,6 +53,7 @@ def run(out: Path, tasks_per_update: int, rank: int = 0) -> tuple[MetaTrainer, d
         disable_tqdm=True,  # the PrinterCallback prints the logs (on the main process only)
         use_cpu=True,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_timeout=120,  # a lost peer fails the run in 2 minutes (not torch's 30) with a traceback
         seed=0,
     )
     trainer = MetaTrainer(

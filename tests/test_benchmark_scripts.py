@@ -192,6 +192,17 @@ def test_choose_split_keeps_half_the_passing_tasks_untouched() -> None:
     assert sorted(tuned + capped["untouched"]) == sorted(r["task"] for r in family)
 
 
+def test_the_screen_samples_at_most_a_few_tasks_of_a_family() -> None:
+    screen = _load_script("screen")
+    results = [{"task": f"multiemo/t{i}", "format": "option", "passes": True} for i in range(3)]
+    results.append({"task": "multiemo/t9", "format": "option", "skipped": "12 examples"})  # not screened
+    assert screen.family_full(results, "multiemo/t5", cap=3)
+    assert not screen.family_full(results, "multiemo/t5", cap=4)
+    assert not screen.family_full(results, "snarks", cap=3)  # another family
+    assert not screen.family_full(results[:2] + results[3:], "multiemo/t5", cap=3)  # a skipped task is not one
+    assert not screen.family_full(results, "multiemo/t5", cap=None)
+
+
 def _load_script(name: str):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)

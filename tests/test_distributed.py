@@ -54,12 +54,23 @@ TRAIN_KEYS = (
 def ddp(tmp_path_factory) -> dict[str, Any]:
     """Both distributed runs in one launch: ``ddp/ga<G>`` for G in `PER_PROCESS`."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Everything on the loopback address: on a machine whose hostname does not resolve (no DNS, not in
+    # /etc/hosts), `--standalone` hands the workers the hostname as MASTER_ADDR and they retry it forever.
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",  # rendezvous on a free local port
+        "--nnodes=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",  # rendezvous on a free loopback port
+        "--local-addr=127.0.0.1",
         f"--nproc_per_node={NPROC}",
         str(TESTS_DIR / "_ddp_worker.py"),
         str(out),
@@ -67,7 +78,11 @@ def ddp(tmp_path_factory) -> dict[str, Any]:
         *map(str, PER_PROCESS),
     ]
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    except subprocess.TimeoutExpired as error:
+        tail = (error.stderr or b"")[-6000:]
+        pytest.fail(f"torchrun did not finish in 300 s; its stderr ended with:\n{tail!r}")
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-6000:]
     print(f"torchrun, {NPROC} processes, {len(PER_PROCESS)} runs: {seconds:.1f} s")
