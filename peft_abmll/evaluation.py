@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers.utils.logging import tqdm
 
@@ -106,7 +107,8 @@ def evaluate_tasks(
     With `accelerator` (an `accelerate.Accelerator` or `PartialState`) running N processes, every
     process must call this: process ``p`` evaluates the tasks ``p, p + N, ...``, the per-task results
     are gathered (``accelerate.utils.gather_object``), every process returns the same results (equal to
-    a single-process run), and only the main process writes files.
+    a single-process run), and only the main process writes files. Under FSDP, where every forward pass
+    gathers sharded weights from all processes, every process evaluates every task instead.
     """
     protocol = _with_settings(protocol or EvaluationProtocol(), settings)
     if protocol.lr is None:
@@ -115,6 +117,8 @@ def evaluate_tasks(
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     runnable = _runnable_tasks(prepare_tasks(tasks, protocol.max_choices), protocol.support_size, warn=rank == 0)
     show = progress and rank == 0
+    if _every_forward_is_collective(accelerator):
+        rank, world = 0, 1  # all processes run every task in step (the same forwards), no gathering
     mine = tqdm(runnable[rank::world], desc=f"evaluating {name}", unit="task", disable=not show)
     outcomes = [_evaluate_task(model, t, task, rows, encoder, protocol, show) for t, task, rows in mine]
     if world > 1:
@@ -129,6 +133,11 @@ def evaluate_tasks(
         curves = {name: (torch.tensor(results["probs"]), torch.tensor(results["labels"]))}
         write_results(results, curves, output_dir, name, protocol.n_bins)
     return results
+
+
+def _every_forward_is_collective(accelerator: Any) -> bool:
+    """True under FSDP: each forward all-gathers weights, so the processes must run the same forwards."""
+    return accelerator is not None and getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
 
 
 def record_evaluation(model: nn.Module, results: dict[str, Any]) -> None:

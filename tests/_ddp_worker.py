@@ -29,8 +29,27 @@ from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments
 UPDATES = 4  # optimizer steps; 2 tasks per update over 4 training tasks = 2 epochs
 
 
-def run(out: Path, tasks_per_update: int, rank: int = 0) -> tuple[MetaTrainer, dict[str, Any]]:
-    """Train `UPDATES` updates (evaluating at updates 2 and 4) and save the adapter; return trainer and report."""
+class CpuFsdpMetaTrainer(MetaTrainer):
+    """`MetaTrainer` under accelerate's FSDP2 on CPU processes (a test shim, not a user recipe).
+
+    accelerate enables FSDP only when its distributed type is a GPU-like one (on CPU it silently runs DDP), while
+    torch's FSDP2 (`fully_shard`) itself runs on CPU with gloo. Declaring the type GPU-like just before the
+    Trainer builds its `Accelerator` makes accelerate take its FSDP2 path, unchanged, on this machine.
+    """
+
+    def create_accelerator_and_postprocess(self) -> None:
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        PartialState().distributed_type = DistributedType.MULTI_GPU
+        super().create_accelerator_and_postprocess()
+
+
+def run(out: Path, tasks_per_update: int, rank: int = 0, fsdp: bool = False) -> tuple[MetaTrainer, dict[str, Any]]:
+    """Train `UPDATES` updates (evaluating at updates 2 and 4) and save the adapter; return trainer and report.
+
+    With `fsdp`: accelerate's FSDP2, the base model's decoder layers sharded across the processes.
+    """
     tok = tiny_tokenizer()
     base = tiny_lm(tok, seed=0)
     torch.manual_seed(0)
@@ -53,10 +72,12 @@ def run(out: Path, tasks_per_update: int, rank: int = 0) -> tuple[MetaTrainer, d
         disable_tqdm=True,  # the PrinterCallback prints the logs (on the main process only)
         use_cpu=True,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        fsdp=fsdp,
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]} if fsdp else None,
         ddp_timeout=120,  # a lost peer fails the run in 2 minutes (not torch's 30) with a traceback
         seed=0,
     )
-    trainer = MetaTrainer(
+    trainer = (CpuFsdpMetaTrainer if fsdp else MetaTrainer)(
         model=model,
         args=args,
         train_dataset=task_family(num_tasks=4, per_task=16, seed=0),
@@ -70,6 +91,8 @@ def run(out: Path, tasks_per_update: int, rank: int = 0) -> tuple[MetaTrainer, d
         "num_processes": trainer.accelerator.num_processes,
         "distributed_type": trainer.accelerator.distributed_type.value,
         "wrapped_model": type(trainer.model_wrapped).__name__,
+        "parameter_types": sorted({type(p).__name__ for p in trainer.model.parameters()}),
+        "adapter_parameter_types": sorted({type(p).__name__ for p in trainer.view.global_params()}),
         "world_process_zero": trainer.is_world_process_zero(),
         "log_history": trainer.state.log_history,
     }
@@ -82,13 +105,14 @@ def main() -> None:
     parser.add_argument(
         "--tasks-per-update", type=int, nargs="+", default=[1], help="gradient_accumulation_steps: one run each"
     )
+    parser.add_argument("--fsdp", action="store_true", help="accelerate's FSDP2; runs go to OUT/fsdp_ga<G>")
     cli = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     for tasks_per_update in cli.tasks_per_update:
-        out = cli.out / f"ga{tasks_per_update}"
+        out = cli.out / f"{'fsdp_' if cli.fsdp else ''}ga{tasks_per_update}"
         out.mkdir(parents=True, exist_ok=True)
         with open(out / f"stdout_rank{rank}.txt", "w") as stdout, contextlib.redirect_stdout(stdout):
-            trainer, report = run(out, tasks_per_update, rank)
+            trainer, report = run(out, tasks_per_update, rank, fsdp=cli.fsdp)
         (out / f"report_rank{rank}.json").write_text(json.dumps(report))
         torch.save([p.detach().clone() for p in trainer.view.global_params()], out / f"global_rank{rank}.pt")
     if torch.distributed.is_initialized():

@@ -8,11 +8,14 @@ The distributed runs are `_ddp_worker.py` under ``python -m torch.distributed.ru
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -36,6 +39,7 @@ PER_PROCESS = (1, 2)  # tasks per update per process (gradient_accumulation_step
 # outer_step_size 0.1 the runs differ by 2.4e-4 (4e-3 at 1.0) where the adapter moved 0.34. A lost or doubled
 # 1/N would differ by ~0.1. Logged values then agree to 1e-3 relative (1.2e-4 seen).
 TOLERANCE = {1: 1e-6, 2: 1e-3}
+LAUNCH_TIMEOUT = 240  # seconds; a launch takes 12-18 s here
 LOG_TOLERANCE = {1: 1e-5, 2: 1e-3}
 TRAIN_KEYS = (
     "loss",
@@ -50,10 +54,8 @@ TRAIN_KEYS = (
 )
 
 
-@pytest.fixture(scope="module")
-def ddp(tmp_path_factory) -> dict[str, Any]:
-    """Both distributed runs in one launch: ``ddp/ga<G>`` for G in `PER_PROCESS`."""
-    out = tmp_path_factory.mktemp("ddp")
+def _torchrun(out: Path, *options: str) -> dict[str, Any]:
+    """`_ddp_worker.py` on `NPROC` CPU processes, one run per G in `PER_PROCESS`, into `out`."""
     # Everything on the loopback address: on a machine whose hostname does not resolve (no DNS, not in
     # /etc/hosts), `--standalone` hands the workers the hostname as MASTER_ADDR and they retry it forever.
     env = {
@@ -76,17 +78,47 @@ def ddp(tmp_path_factory) -> dict[str, Any]:
         str(out),
         "--tasks-per-update",
         *map(str, PER_PROCESS),
+        *options,
     ]
-    start = time.perf_counter()
+    for attempt in (1, 2):  # a launch that hangs (once seen here, not reproduced in 14 more) gets one more try
+        start = time.perf_counter()
+        returncode, stderr = _run_in_own_session(command, env, timeout=LAUNCH_TIMEOUT)
+        seconds = time.perf_counter() - start
+        if returncode is not None:
+            break
+        print(
+            f"torchrun attempt {attempt} did not finish in {LAUNCH_TIMEOUT} s; its stderr ended with:\n{stderr[-3000:]}"
+        )
+    else:
+        pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT} s, twice; its stderr ended with:\n{stderr[-6000:]}")
+    assert returncode == 0, stderr[-6000:]
+    print(f"torchrun {' '.join(options)}, {NPROC} processes, {len(PER_PROCESS)} runs: {seconds:.1f} s")
+    return {"out": out, "stderr": stderr, "seconds": seconds}
+
+
+def _run_in_own_session(command: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str]:
+    """(return code or None on timeout, stderr); on timeout the launcher and its workers are all stopped."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    except subprocess.TimeoutExpired as error:
-        tail = (error.stderr or b"")[-6000:]
-        pytest.fail(f"torchrun did not finish in 300 s; its stderr ended with:\n{tail!r}")
-    seconds = time.perf_counter() - start
-    assert result.returncode == 0, result.stderr[-6000:]
-    print(f"torchrun, {NPROC} processes, {len(PER_PROCESS)} runs: {seconds:.1f} s")
-    return {"out": out, "stderr": result.stderr, "seconds": seconds}
+        _, stderr = process.communicate(timeout=timeout)
+        return process.returncode, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return None, process.communicate()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> dict[str, Any]:
+    """Both distributed runs in one launch: ``ddp/ga<G>`` for G in `PER_PROCESS`."""
+    return _torchrun(tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory) -> dict[str, Any]:
+    """The same runs under accelerate's FSDP2 (base model sharded): ``fsdp/fsdp_ga<G>``."""
+    return _torchrun(tmp_path_factory.mktemp("fsdp"), "--fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +176,29 @@ def test_n_processes_match_one_process_with_n_times_the_tasks_per_update(ddp, si
     # DDP never complained about a backward without a forward or unused parameters
     for complaint in ("find_unused_parameters", "Expected to have finished reduction", "Traceback"):
         assert complaint not in ddp["stderr"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_process", PER_PROCESS)
+def test_fsdp2_shards_the_base_and_matches_one_process(fsdp, single, per_process) -> None:
+    """Under FSDP2 the base is sharded, the adapter stays whole, and training equals one process with N x G tasks."""
+    folder, reference_folder = fsdp["out"] / f"fsdp_ga{per_process}", single / f"ga{NPROC * per_process}"
+    for report in _reports(folder, NPROC):
+        assert report["distributed_type"] == "FSDP" and report["wrapped_model"] == "FSDPPeftModel"
+        assert "DTensor" in report["parameter_types"]  # the base model really is sharded ...
+        assert report["adapter_parameter_types"] == ["Parameter"]  # ... and the adapter is not
+    rank0, rank1 = (torch.load(folder / f"global_rank{r}.pt") for r in range(NPROC))
+    assert _max_abs_diff(rank0, rank1) == 0.0
+    difference = _max_abs_diff(
+        _loaded_globals(folder / "rank0" / "final"), _loaded_globals(reference_folder / "rank0" / "final")
+    )
+    print(f"FSDP2 G={per_process}: {NPROC} processes vs 1: max abs diff {difference:.3g}")
+    assert difference <= TOLERANCE[per_process]
+    evals = [[e for e in r["log_history"] if "eval_accuracy" in e] for r in _reports(folder, NPROC)]
+    reference = [e for e in _reports(reference_folder, 1)[0]["log_history"] if "eval_accuracy" in e]
+    assert evals[0] == evals[1] and [e["step"] for e in evals[0]] == [2, 4]
+    for got, want in zip(evals[0], reference):  # every process evaluated every task, in step
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -235,3 +290,35 @@ def test_episode_randomness_depends_only_on_seed_and_code(tmp_path) -> None:
         trainer.model.zero_grad(set_to_none=True)
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_under_fsdp_the_adapter_modules_are_kept_whole_beside_the_users_own(tmp_path, monkeypatch) -> None:
+    tok = tiny_tokenizer()
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+    args = MetaTrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    trainer = MetaTrainer(model=model, args=args, train_dataset=task_family(3, 12), processing_class=tok)
+    plugin = SimpleNamespace(fsdp_version=2, ignored_modules=r".*layers\.0\.mlp\.down_proj")
+    monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", plugin, raising=False)
+    trainer._keep_adapter_out_of_fsdp()
+    ignored = plugin.ignored_modules
+    owned = {id(p) for m in ignored for p in m.parameters(recurse=False)}
+    assert {id(p) for p in trainer.view.global_params()} <= owned  # every adapter tensor stays whole ...
+    assert {id(p) for p in trainer.view.local_params()} <= owned
+    users = [m for name, m in model.named_modules() if name.endswith("layers.0.mlp.down_proj")]
+    assert len(users) == 1 and ignored[0] is users[0]  # ... beside the module the user listed
+    assert len({id(m) for m in ignored}) == len(ignored)
+    assert all(isinstance(m, torch.nn.ParameterDict) for m in ignored[1:])  # no base weight is kept whole
+
+
+def test_asking_for_fsdp_where_accelerate_cannot_run_it_warns(tmp_path, caplog, monkeypatch) -> None:
+    """On CPU processes accelerate turns `fsdp=True` into DDP without a word (seen with torchrun here)."""
+    tok = tiny_tokenizer()
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+    args = MetaTrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    trainer = MetaTrainer(model=model, args=args, train_dataset=task_family(3, 12), processing_class=tok)
+    with caplog.at_level(logging.WARNING, logger="peft_abmll.meta.trainer"):
+        trainer._keep_adapter_out_of_fsdp()
+        assert caplog.text == ""  # not asked for: nothing to say
+        monkeypatch.setattr(trainer.args, "fsdp", True)  # one process refuses fsdp=True before this point
+        trainer._keep_adapter_out_of_fsdp()
+    assert "did not enable FSDP" in caplog.text and "DDP" in caplog.text

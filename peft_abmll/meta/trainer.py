@@ -17,6 +17,7 @@ per global update), mixed precision, checkpointing and exact resume, `save_model
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -26,6 +27,7 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from transformers import Trainer
+from transformers.utils import logging
 
 from ..algorithms import ABMLLView, NonFiniteLossError, ReptileView, inner_loop, linear_surrogate, query_gradients
 from ..data import EpisodeDataset, EpisodeSampler, prepare_tasks, seeded_torch_rng, unwrap_episode
@@ -35,6 +37,7 @@ from .arguments import MetaTrainingArguments
 from .checkpoints import CheckpointSafetyMixin
 
 OUTER_KEY = "__abmll_outer_step__"
+logger = logging.get_logger(__name__)
 
 
 class TaskCollection:
@@ -103,6 +106,7 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
             **kwargs,
         )
         self.view = self._make_view()
+        self._keep_adapter_out_of_fsdp()
         self.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set per update by train()
         self._update_logs: dict[str, list[float]] = defaultdict(list)  # this process, current update
         self._meta_logs: dict[str, list[float]] = defaultdict(list)  # all processes, since the last log
@@ -276,6 +280,38 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
         return surrogate - surrogate.detach(), logs  # NaN if any direction is: refused in compute_loss
 
     # --------------------------------------------------------------------------------- multi-process
+    def _keep_adapter_out_of_fsdp(self) -> None:
+        """Under FSDP, shard the base model but leave the adapter's parameters whole on every process.
+
+        The meta-learner reads its parameters outside any forward pass (the reset local <- global, the inner
+        loop's own optimizer step, the global update's KL and natural-gradient solves), where sharded tensors
+        would be seen as shards. The modules that own them are added to the FSDP plugin's ``ignored_modules``
+        (after any the user listed), so they stay replicated, and `_average_global_grads_across_processes`
+        averages their gradients as under DDP. Warns when FSDP was asked for but accelerate did not enable it
+        (accelerate runs FSDP only on GPU-like devices: on CPU the run is plain DDP).
+        """
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is None:
+            if self.args.fsdp:
+                logger.warning(
+                    "`fsdp` is set but accelerate did not enable FSDP (distributed type %s): it runs FSDP only on "
+                    "GPU-like devices, so this run replicates the model on every process (DDP).",
+                    self.accelerator.distributed_type,
+                )
+            return
+        if getattr(plugin, "fsdp_version", 1) != 2:
+            logger.warning(
+                "MetaTrainer is tested under FSDP2 (fsdp_config={'version': 2}). Under FSDP1 the inner loop runs "
+                "the unwrapped model, which may bypass the root unit's unsharding."
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        mine = {id(p) for p in (*self.view.global_params(), *self.view.local_params())}
+        owners = [m for m in model.modules() if any(id(p) in mine for p in m.parameters(recurse=False))]
+        theirs = plugin.ignored_modules
+        if isinstance(theirs, str):
+            theirs = [m for name, m in model.named_modules() if re.fullmatch(theirs, name)]
+        plugin.ignored_modules = [*(theirs or []), *(m for m in owners if all(m is not t for t in theirs or []))]
+
     def _average_global_grads_across_processes(self) -> None:
         """The global update is the mean over processes (each process adapts its own tasks).
 
