@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 import peft_abmll
 from peft_abmll import ABMLLConfig, ABMLLLayer, TaskEncoder, VariationalLossCallback
+from peft_abmll.bayes import max_log_prior_per_entry
 from peft_abmll.data import prepare_tasks, seeded_torch_rng
 
 
@@ -41,7 +42,10 @@ def test_training_loss_adds_the_hyperprior_of_the_trained_global_posterior(tok, 
     tuner = model.base_model
     with tuner.objective_owned():
         nll = _loss(model, batch)
-    expected = nll + (tuner._max_log_prior() - tuner.log_prior()) / tuner.num_adapted_entries()  # beta 1, "mean"
+    config = tuner.abmll_config()
+    entries = tuner.num_adapted_entries()
+    peak = entries * max_log_prior_per_entry(config.prior_mean_std, config.prior_a0, config.gamma_rate)
+    expected = nll + (peak - tuner.log_prior()) / entries  # beta 1, "mean"
     torch.testing.assert_close(_loss(model, batch), expected)
     model.eval()
     with seeded_torch_rng(1):
@@ -125,7 +129,7 @@ def test_meta_learning_loops_add_their_own_terms_only(tok, monkeypatch, tmp_path
     tuner = model.base_model
     calls = []
     real = tuner.variational_regularizer
-    monkeypatch.setattr(tuner, "variational_regularizer", lambda: calls.append(1) or real())
+    monkeypatch.setattr(tuner, "variational_regularizer", lambda **kw: calls.append(1) or real(**kw))
     family = task_family(num_tasks=3, per_task=16, seed=0)
     peft_abmll.adapt(model, prepare_tasks(family)["t0"][:4], tokenizer=tok, steps=2)
     args = peft_abmll.MetaTrainingArguments(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal, Optional
 
 import torch
@@ -198,13 +198,10 @@ class ABMLLModel(BaseTuner):
                     yield layer, name
 
     def _sum_over_layers(self, method: str, adapter_name: Optional[str]) -> torch.Tensor:
-        total = None
-        for layer, name in self.abmll_layers_with_adapter(adapter_name):
-            value = getattr(layer, method)(name)
-            total = value if total is None else total + value.to(total.device)
-        if total is None:
+        layers = list(self.abmll_layers_with_adapter(adapter_name))
+        if not layers:
             raise ValueError(f"No ABMLL layer holds adapter {adapter_name or self.active_adapters}.")
-        return total
+        return _layer_sum(getattr(layer, method)(name) for layer, name in layers)
 
     def num_adapted_entries(self, adapter_name: Optional[str] = None) -> int:
         """Entries of ``Delta W`` the adapter(s) model, summed over layers (the KL's per-entry denominator)."""
@@ -240,12 +237,11 @@ class ABMLLModel(BaseTuner):
         """
         if not module.training or self._objective_owners or not hasattr(output, "logits"):
             return output
-        if not any(True for _ in self.abmll_layers_with_adapter()):
-            return output
         weight = self.abmll_config().training_loss_weight
-        if weight == 0:
+        layers = list(self.abmll_layers_with_adapter())  # the one walk over the modules of this forward
+        if weight == 0 or not layers:
             return output
-        regularizer, logs = self.variational_regularizer()
+        regularizer, logs = self.variational_regularizer(layers=layers)
         loss = getattr(output, "loss", None)
         if loss is not None:
             logs = {"nll": loss.detach().float().item(), **logs}
@@ -259,33 +255,33 @@ class ABMLLModel(BaseTuner):
             output.loss = loss + term.to(loss.dtype)
         return output
 
-    def variational_regularizer(self) -> tuple[torch.Tensor, dict[str, float]]:
+    def variational_regularizer(
+        self, layers: Optional[list[tuple[ABMLLLayer, str]]] = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The variational terms of whatever posterior trains, reduced per ``kl_reduction`` (float32 scalar).
 
         ``KL(q_local || p_global)`` if the local pairs have ``requires_grad``, ``-log p(global)`` if the global
         pairs do (both when both train; measured from its largest value, so it is 0 at the hyperprior's mode and
-        a loss starts at the NLL); zero when nothing trains.
+        a loss starts at the NLL); zero when nothing trains. `layers`: ``abmll_layers_with_adapter()``, if the
+        caller has it already (one walk over the model's modules per call).
         """
+        layers = list(self.abmll_layers_with_adapter()) if layers is None else layers
+        trains = {
+            posterior: any(p.requires_grad for layer, name in layers for p in layer.posterior_factors(name, posterior))
+            for posterior in ("local", "global")
+        }
         total = torch.zeros(())
         logs: dict[str, float] = {}
-        per_entry = self.abmll_config().kl_reduction == "mean"
-        scale = 1.0 / self.num_adapted_entries() if per_entry else 1.0
-        if any(p.requires_grad for p in self.local_parameters()):
-            kl = self.kl_divergence() * scale
+        entries = sum(layer.out_features * layer.in_features for layer, _ in layers)
+        scale = 1.0 / entries if self.abmll_config().kl_reduction == "mean" and entries else 1.0
+        if trains["local"]:
+            kl = _layer_sum(layer.kl_divergence(name) for layer, name in layers) * scale
             total, logs["kl"] = total + kl.cpu(), kl.item()
-        if any(p.requires_grad for p in self.global_parameters()):
-            neg_log_prior = (self._max_log_prior() - self.log_prior()) * scale  # >= 0, 0 at the hyperprior's mode
+        if trains["global"]:
+            log_prior = _layer_sum(layer.log_prior(name) for layer, name in layers)
+            neg_log_prior = (_max_log_prior(layers) - log_prior) * scale  # >= 0, 0 at the hyperprior's mode
             total, logs["neg_log_prior"] = total + neg_log_prior.cpu(), neg_log_prior.item()
         return total, logs
-
-    def _max_log_prior(self) -> float:
-        """The largest value `log_prior` can take (a constant: it shifts the loss, not its gradient)."""
-        total = 0.0
-        for layer, name in self.abmll_layers_with_adapter():
-            s = layer.abmll_settings[name]
-            entries = layer.out_features * layer.in_features
-            total += entries * bayes.max_log_prior_per_entry(s.prior_mean_std, s.prior_a0, s.gamma_rate)
-        return total
 
     @contextlib.contextmanager
     def objective_owned(self) -> Iterator[None]:
@@ -441,3 +437,26 @@ def _create_new_module(config: ABMLLConfig, adapter_name: str, target: nn.Module
             "exclude_modules)."
         )
     return Linear(target, adapter_name, config)
+
+
+def _layer_sum(values: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of per-layer scalars that may live on different devices (on the first one's device)."""
+    total: Optional[torch.Tensor] = None
+    for value in values:
+        total = value if total is None else total + value.to(total.device)
+    if total is None:
+        raise ValueError("No ABMLL layer holds the adapter.")
+    return total
+
+
+def _max_log_prior(layers: list[tuple[ABMLLLayer, str]]) -> float:
+    """The largest value `log_prior` can take over `layers` (a constant: it shifts the loss, not its gradient)."""
+    total = 0.0
+    for layer, name in layers:
+        s = layer.abmll_settings[name]
+        total += (
+            layer.out_features
+            * layer.in_features
+            * bayes.max_log_prior_per_entry(s.prior_mean_std, s.prior_a0, s.gamma_rate)
+        )
+    return total
