@@ -273,3 +273,20 @@ def test_cost_ratios_are_per_round_medians_with_their_spread() -> None:
     assert (m["episode_ratio_min"], m["episode_ratio_max"]) == (pytest.approx(1.1), pytest.approx(1.3))
     assert m["step_s"] == pytest.approx(1.2) and "1.10-1.30" in cost.table(cost.summarise(rows))
     assert cost.rotated(["a", "b", "c"], 1) == ["b", "c", "a"] and cost.rotated(["a", "b"], 2) == ["a", "b"]
+
+
+def test_cost_model_extrapolates_depth_and_its_worker_times_every_phase(monkeypatch) -> None:
+    model = _load_script("cost_model")
+    # a linear cost in depth is recovered exactly; the fixed part lives in the first layer
+    assert model.extrapolate(3.0, 5.0, 10) == pytest.approx(3.0 + 9 * 2.0)
+    one, two = {"lora": 1.0, "inner": 1.2, "global": 0.5}, {"lora": 1.5, "inner": 1.9, "global": 1.0}
+    p = model.predict(one, two, layers=4, k=5)
+    assert (p["lora"], p["inner"], p["global"]) == (pytest.approx(2.5), pytest.approx(3.3), pytest.approx(2.0))
+    assert p["episode_ratio"] == pytest.approx((5 * 3.3 + 2.0) / (5 * 2.5))
+    tiny = dict(arch="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=97)  # fmt: skip
+    monkeypatch.setitem(model.SHAPES, "tiny", tiny)
+    times = model.worker({"shape": "tiny", "layers": 2, "batch": 1, "seq": 8, "reps": 1, "threads": 1})
+    assert set(times) == {"lora", "inner", "global"} and all(t > 0 for t in times.values())
+    row = {"shape": "tiny", "layers": 3, "predicted": model.predict(times, times, 3)}
+    assert "| tiny | 3 |" in model.table([row])

@@ -1,0 +1,216 @@
+"""Predict ABMLL's training cost against LoRA on models too big for this machine, from layers that fit.
+
+    python benchmarks/cost_model.py                                   # validate on 2 sizes, predict 4 real ones
+    python benchmarks/cost_model.py --shapes llama3-8b --seq 512 --reps 1
+    python benchmarks/cost_model.py --validate smollm2-135m --predict  # any subset
+
+A decoder-only model's step costs ``T(n) = T(1) + (n - 1) * (T(2) - T(1))`` for n decoder layers: embedding,
+LM head (the real vocabulary) and loss are in ``T(1)``, every layer adds the same attention, MLP and adapter
+work. So the target architecture is built with 1 and with 2 decoder layers (random weights, the real widths,
+heads and vocabulary) and three things are timed on each, in a fresh process, at the paper's settings (rank 8,
+q/v/o, batch x tokens):
+
+- ``lora``: one LoRA training step (forward, backward, AdamW);
+- ``inner``: one ABMLL inner step (sampled forward, NLL + KL, gradients of the local pairs, AdamW);
+- ``global``: ABMLL's global update (the natural-gradient direction of the KL and hyperprior, one SGD step).
+
+An episode is K = 5 inner steps and one global update against K LoRA steps, so the predicted ratio is
+``(K * inner(n) + global(n)) / (K * lora(n))``. ``--validate`` checks the model on sizes that fit here: the same
+three timings on the full-depth model against the prediction from its 1- and 2-layer versions. The same script
+runs unchanged on a GPU (CUDA timings synchronise). Prints a table; writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from peft_abmll.tables import render_table
+
+K = 5  # inner steps per episode (the paper's)
+TARGETS = ["q_proj", "v_proj", "o_proj"]
+# Public config.json values of each model family (architecture, widths, heads, depth, vocabulary).
+SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-d2048": dict(arch="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
+                        num_attention_heads=16, num_key_value_heads=16, vocab_size=32000),
+    "smollm2-360m": dict(arch="llama", hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                         num_attention_heads=15, num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2-1.7b": dict(arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True),
+    "llama3-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "qwen2-7b": dict(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+}  # fmt: skip
+VALIDATE = ("smollm2-135m", "llama-d2048")
+PREDICT = ("smollm2-360m", "smollm2-1.7b", "llama3-8b", "qwen2-7b")
+
+
+# ------------------------------------------------------------------------------------------- the model
+def extrapolate(one: float, two: float, layers: int) -> float:
+    """``T(n)`` from ``T(1)`` and ``T(2)``: the first layer carries the fixed cost, each further one ``T(2) - T(1)``."""
+    return one + (layers - 1) * (two - one)
+
+
+def episode_ratio(times: dict[str, float], k: int = K) -> float:
+    """ABMLL episode (``k`` inner steps + the global update) over ``k`` LoRA steps."""
+    return (k * times["inner"] + times["global"]) / (k * times["lora"])
+
+
+def predict(one: dict[str, float], two: dict[str, float], layers: int, k: int = K) -> dict[str, float]:
+    """Per-phase times of the `layers`-deep model and its episode ratio, from its 1- and 2-layer timings."""
+    times = {key: extrapolate(one[key], two[key], layers) for key in ("lora", "inner", "global")}
+    return {**times, "episode_ratio": episode_ratio(times, k)}
+
+
+# ------------------------------------------------------------------------------------------- worker side
+def _build(shape: dict[str, Any], layers: int) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in shape.items() if k != "arch"} | {"num_hidden_layers": layers}
+    if shape["arch"] == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    return LlamaForCausalLM(LlamaConfig(**kwargs))
+
+
+def _timer(device: Any) -> Any:
+    import torch
+
+    def median_seconds(fn: Any, reps: int) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return median_seconds
+
+
+def worker(spec: dict[str, Any]) -> dict[str, float]:
+    """The three timings of one (shape, depth) in this process."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import peft_abmll
+    from peft_abmll.algorithms import ABMLLView, inner_loop
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timed = _timer(device)
+    base = _build(SHAPES[spec["shape"]], spec["layers"]).to(device)
+    ids = torch.randint(0, base.config.vocab_size, (spec["batch"], spec["seq"]), device=device)
+    batch = {"input_ids": ids, "labels": ids}
+    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)).train()
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
+
+    def lora_step() -> None:
+        lora(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = {"lora": timed(lora_step, spec["reps"])}
+    base = lora.unload()
+    model = get_peft_model(base, peft_abmll.ABMLLConfig(r=8, lora_alpha=16, target_modules=TARGETS)).train()
+    view = ABMLLView(model)
+    outer = torch.optim.SGD(view.global_params(), lr=1.0)
+
+    def inner_step() -> None:
+        with view.local_mode():
+            inner_loop(model, view, [batch], lr=1e-4, fresh=False)
+
+    def global_update() -> None:
+        for param, direction in zip(view.global_params(), view.outer_direction()[0]):
+            param.grad = direction
+        outer.step()
+        outer.zero_grad(set_to_none=True)
+
+    view.reset()
+    inner_step()  # local != global from here on: the KL and the global update do their full work
+    out["inner"] = timed(inner_step, spec["reps"])
+    out["global"] = timed(global_update, spec["reps"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------- driver side
+def measure(shape: str, layers: int, args: argparse.Namespace) -> dict[str, float]:
+    """The worker's timings, in a fresh interpreter (nothing cached from the previous configuration)."""
+    spec = {"shape": shape, "layers": layers, "batch": args.batch, "seq": args.seq, "reps": args.reps}
+    spec["threads"] = args.threads
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker failed for {spec}:\n{proc.stderr[-3000:]}")
+    print(f"  {shape}, {layers} layer(s): {lines[-1]}", file=sys.stderr, flush=True)
+    return json.loads(lines[-1])
+
+
+def study(shape: str, args: argparse.Namespace, validate: bool) -> dict[str, Any]:
+    layers = SHAPES[shape]["num_hidden_layers"]
+    one, two = measure(shape, 1, args), measure(shape, 2, args)
+    row: dict[str, Any] = {"shape": shape, "layers": layers, "one": one, "two": two}
+    row["predicted"] = predict(one, two, layers)
+    if validate:
+        full = measure(shape, layers, args)
+        row["measured"] = {**full, "episode_ratio": episode_ratio(full)}
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["model shape", "layers", "LoRA step (s)", "inner step (s)", "global update (s)", "episode × LoRA"]
+    header += ["measured episode × LoRA", "error"]
+    lines = []
+    for r in rows:
+        p, m = r["predicted"], r.get("measured")
+        line = [r["shape"], str(r["layers"]), f"{p['lora']:.3f}", f"{p['inner']:.3f}", f"{p['global']:.3f}"]
+        line.append(f"{p['episode_ratio']:.3f}")
+        if m is None:
+            line += ["–", "–"]
+        else:
+            line += [f"{m['episode_ratio']:.3f}", f"{p['episode_ratio'] - m['episode_ratio']:+.3f}"]
+        lines.append(line)
+    return render_table(header, lines, markdown=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--validate", nargs="*", default=list(VALIDATE), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=list(PREDICT), choices=list(SHAPES), help="Predict these.")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/cost_model.json")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    rows = [study(s, args, validate=True) for s in args.validate]
+    rows += [study(s, args, validate=False) for s in args.shapes if s not in args.validate]
+    settings = {k: v for k, v in vars(args).items() if k != "worker"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "settings": settings}, indent=1))
+    print(table(rows))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
