@@ -173,31 +173,35 @@ def predict_proba(
     width = max(len(e["choices"]) for e in examples)
     scoring, letter_ids = _scoring(enc, scoring, width)
     samples = _num_samples(model, num_samples)
+    rng = np.random.default_rng(seed)
+    chunks = [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
+    chunk_shots = [[_shots(shots, num_shots, rng) for _ in chunk] for chunk in chunks]
+    if scoring == "option":
+        inputs = [[_option_inputs(enc, e, sh) for e, sh in zip(c, s)] for c, s in zip(chunks, chunk_shots)]
+    else:
+        inputs = [_letter_inputs(enc, c, s, width) for c, s in zip(chunks, chunk_shots)]
+    device = _device(model)
     was_training = model.training
     model.eval()
-    rng = np.random.default_rng(seed)
     probs = torch.zeros(len(examples), width)
+    bar = tqdm(total=len(chunks) * samples, desc=desc, unit="batch", leave=False, disable=not progress)
     try:
-        starts = range(0, len(examples), batch_size)
-        for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not progress):
-            chunk = examples[start : start + batch_size]
-            chunk_shots = [_shots(shots, num_shots, rng) for _ in chunk]
-            if scoring == "option":
-                for i, (example, ex_shots) in enumerate(zip(chunk, chunk_shots)):
-                    probs[start + i, : len(example["choices"])] = _option_probs(model, enc, example, ex_shots, samples)
-                continue
-            encoded = [enc.encode(e, sh, answer_format="letter") for e, sh in zip(chunk, chunk_shots)]
-            batch = _to(enc.collate(encoded), _device(model))
-            batch.pop("labels")
-            last = torch.tensor([e["prompt_length"] - 1 for e in encoded], device=batch["input_ids"].device)
-            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-            for i, e in enumerate(chunk):
-                mask[i, : len(e["choices"])] = True
-            assert letter_ids is not None  # letter scoring
-            probs[start : start + len(chunk)] = _letter_probs(model, batch, last, letter_ids, mask, samples)
+        for draw in _posterior_draws(model, samples):  # each sample drawn once for every example
+            with draw:
+                start = 0
+                for chunk, chunk_inputs in zip(chunks, inputs):
+                    if scoring == "option":
+                        for i, (example, option_inputs) in enumerate(zip(chunk, chunk_inputs)):
+                            probs[start + i, : len(example["choices"])] += _option_probs(model, option_inputs, device)
+                    else:
+                        assert letter_ids is not None  # letter scoring
+                        probs[start : start + len(chunk)] += _letter_probs(model, chunk_inputs, letter_ids, device)
+                    start += len(chunk)
+                    bar.update()
     finally:
+        bar.close()
         model.train(was_training)
-    return probs
+    return probs / samples
 
 
 def _scoring(enc: TaskEncoder, scoring: Optional[str], width: int) -> tuple[str, Optional[torch.Tensor]]:
@@ -214,28 +218,27 @@ def _scoring(enc: TaskEncoder, scoring: Optional[str], width: int) -> tuple[str,
         return "option", None
 
 
-def _option_probs(
-    model: nn.Module, enc: TaskEncoder, example: Mapping[str, Any], shots: Examples, samples: int
-) -> torch.Tensor:
-    """``(num choices,)``: softmax of each option's mean token log-likelihood, averaged over posterior samples."""
+def _option_inputs(enc: TaskEncoder, example: Mapping[str, Any], shots: Examples) -> dict[str, Any]:
+    """One example's options, encoded and collated after one shared prompt (what `_option_probs` scores)."""
     encoded = enc.encode_options(example, shots)
-    batch = _to(enc.collate(encoded), _device(model))
+    batch = enc.collate(encoded)
     labels = batch.pop("labels")
     width = batch["input_ids"].shape[1]
     starts = [e["prompt_length"] for e in encoded]
     keep = width - min(starts) + 1  # the positions that predict any answer token, in every row
-    total = torch.zeros(len(encoded))
-    shared = _shared_prefix(batch["input_ids"], min(starts))
-    for draw in _posterior_draws(model, samples):
-        with draw:
-            logits = _tail_logits(model, batch, keep, shared)  # (options, keep, vocab): positions width - keep ...
-        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
-        targets = labels[:, width - keep + 1 :]
-        picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        answer = targets != -100
-        score = (picked * answer).sum(-1) / answer.sum(-1)
-        total += torch.softmax(score.cpu(), dim=-1)
-    return total / samples
+    return {"batch": batch, "targets": labels[:, width - keep + 1 :], "keep": keep, "shared": min(starts)}
+
+
+def _option_probs(model: nn.Module, inputs: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """``(num choices,)``: softmax of each option's mean token log-likelihood (one forward of the current model)."""
+    batch = _to(inputs["batch"], device)
+    keep, targets = inputs["keep"], inputs["targets"].to(device)
+    logits = _tail_logits(model, batch, keep, _shared_prefix(batch["input_ids"], inputs["shared"]))
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
+    picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    answer = targets != -100
+    score = (picked * answer).sum(-1) / answer.sum(-1)
+    return torch.softmax(score.cpu(), dim=-1)
 
 
 def _shared_prefix(input_ids: torch.Tensor, length: int) -> int:
@@ -310,16 +313,24 @@ def _num_samples(model: nn.Module, num_samples: Optional[int]) -> int:
     return num_samples
 
 
+def _letter_inputs(enc: TaskEncoder, chunk: Examples, shots: list, width: int) -> dict[str, Any]:
+    """A batch of letter-format prompts, the position of each prompt's last token and the valid options."""
+    encoded = [enc.encode(e, sh, answer_format="letter") for e, sh in zip(chunk, shots)]
+    batch = enc.collate(encoded)
+    batch.pop("labels")
+    mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+    for i, e in enumerate(chunk):
+        mask[i, : len(e["choices"])] = True
+    return {"batch": batch, "last": torch.tensor([e["prompt_length"] - 1 for e in encoded]), "mask": mask}
+
+
 def _letter_probs(
-    model: nn.Module, batch: dict, last: torch.Tensor, letter_ids: torch.Tensor, mask: torch.Tensor, samples: int
+    model: nn.Module, inputs: dict[str, Any], letter_ids: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
-    total = torch.zeros(mask.shape)
-    for draw in _posterior_draws(model, samples):
-        with draw:
-            logits = _logits_at(model, batch, last)
-        rows = logits[:, letter_ids.to(logits.device)].float().cpu()
-        total += torch.softmax(rows.masked_fill(~mask, float("-inf")), dim=-1)
-    return total / samples
+    """``(batch, width)``: the option letters' next-token probabilities, renormalised over the valid options."""
+    logits = _logits_at(model, _to(inputs["batch"], device), inputs["last"].to(device))
+    rows = logits[:, letter_ids.to(logits.device)].float().cpu()
+    return torch.softmax(rows.masked_fill(~inputs["mask"], float("-inf")), dim=-1)
 
 
 def _posterior_draws(model: nn.Module, samples: int) -> Iterator[contextlib.AbstractContextManager]:

@@ -315,6 +315,49 @@ def test_sample_mode_is_batch_invariant(tiny_llama: nn.Module, sampling: str) ->
     torch.testing.assert_close(alone, batched[2:], rtol=1e-5, atol=1e-5)
 
 
+def test_a_kept_sample_is_the_same_draw_made_once_and_redrawn_when_the_posterior_moves(
+    tiny_llama: nn.Module, inputs: Inputs, monkeypatch
+) -> None:
+    model = _abmll(tiny_llama, init_weights=False, init_std=0.05, predictive_mode="sample").eval()
+    draws = []
+    real = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: draws.append(1) or real(*a, **k))
+    layers = sum(1 for _ in model.abmll_layers_with_adapter())
+    with torch.no_grad():
+        with model.posterior_sample(3, keep=False):
+            fresh = [_logits(model, inputs) for _ in range(2)]
+        assert len(draws) == 2 * layers  # drawn at every forward
+        draws.clear()
+        with model.posterior_sample(3):
+            kept = [_logits(model, inputs) for _ in range(3)]
+            assert len(draws) == layers  # drawn once for three forwards ...
+            scale_A = next(iter(model.abmll_layers_with_adapter()))[0].abmll_global_scale_A["default"]
+            scale_A.mul_(2.0)  # ... and again for the layer whose posterior changed
+            moved = _logits(model, inputs)
+            assert len(draws) == layers + 1
+    assert torch.equal(fresh[0], fresh[1]) and all(torch.equal(k, kept[0]) for k in kept)
+    # the same seeded sample either way; kept, it is folded into the float32 weight (one matmul): rounding only
+    torch.testing.assert_close(kept[0], fresh[0], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(kept[0], fresh[0])  # (the folded path did run)
+    assert not torch.allclose(moved, kept[0])
+    assert all(layer.abmll_sample_cache is None for layer, _ in model.abmll_layers_with_adapter())  # freed
+    draws.clear()
+    with model.posterior_sample(3):  # with gradients nothing is kept: each forward has its own graph
+        model(**inputs).logits.sum().backward()
+        model(**inputs).logits.sum().backward()  # (a kept graph would be freed by the first backward)
+    assert len(draws) == 2 * layers
+
+
+def test_a_kept_sample_is_not_folded_into_low_precision_weights(tiny_llama: nn.Module, inputs: Inputs) -> None:
+    """bf16 weights would round the noise away: there the sample stays a separate float32 term, bit for bit."""
+    model = _abmll(tiny_llama.to(torch.bfloat16), init_weights=False, init_std=0.05, predictive_mode="sample").eval()
+    with model.posterior_sample(1, keep=False):
+        fresh = _logits(model, inputs)
+    with model.posterior_sample(1):
+        kept = [_logits(model, inputs) for _ in range(2)]
+    assert torch.equal(kept[0], fresh) and torch.equal(kept[1], fresh)
+
+
 # ----------------------------------------------------------------------------------------- dtypes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sampling", ["local", "weight"])

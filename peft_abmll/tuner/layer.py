@@ -108,6 +108,8 @@ class ABMLLLayer(BaseTunerLayer):
         self.abmll_layer_index = 0  # set by the tuner; decorrelates eval-mode samples across layers
         self.abmll_sample_index = 0  # which seeded eval-mode sample to draw (predict_proba sets it)
         self.abmll_eval_sampling: Optional[bool] = None  # override of predictive_mode (posterior_sample sets it)
+        # adapter -> (what the sample depends on, drawn noise matrix); kept only inside posterior_sample(keep=True)
+        self.abmll_sample_cache: Optional[dict[Any, tuple[tuple, torch.Tensor]]] = None
 
         in_features, out_features = _get_in_out_features(self.get_base_layer())
         if in_features is None or out_features is None:
@@ -272,11 +274,29 @@ class ABMLLLayer(BaseTunerLayer):
                 )
                 return fused.lowrank_noise(x, A_stack, B_stack, seed)
             return fused.weight_noise(x, _entry_variance(scale_A, scale_B, spec).sqrt(), seed)
-        var = _entry_variance(scale_A, scale_B, spec)
+        return F.linear(x, self._eval_sample_noise(adapter_name, scale_A, scale_B, x.device))
+
+    def _eval_sample_noise(
+        self, adapter_name: str, scale_A: torch.Tensor, scale_B: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """``sigma * eps``, ``(d_out, d_in)`` float32: eval-mode sample number ``abmll_sample_index`` of ``Delta W``.
+
+        Without gradients, drawn once per sample while `abmll_sample_cache` is set (inside
+        ``posterior_sample(keep=True)``), and drawn again whenever the sample index or the scale factors (their
+        identity or in-place version) change.
+        """
+        key = (self.abmll_sample_index, id(scale_A), scale_A._version, id(scale_B), scale_B._version, device)
+        cache = None if torch.is_grad_enabled() else self.abmll_sample_cache  # a kept sample has no graph
+        if cache is not None and adapter_name in cache and cache[adapter_name][0] == key:
+            return cache[adapter_name][1]
+        var = _entry_variance(scale_A, scale_B, self._scale_spec(adapter_name))
         eps = torch.randn(
-            var.shape, device=var.device, dtype=var.dtype, generator=self._eval_generator(x.device, adapter_name)
+            var.shape, device=var.device, dtype=var.dtype, generator=self._eval_generator(device, adapter_name)
         )
-        return F.linear(x, var.sqrt() * eps)
+        noise = var.sqrt() * eps if torch.is_grad_enabled() else var.sqrt_().mul_(eps)  # in place: no graph
+        if cache is not None:
+            cache[adapter_name] = (key, noise)
+        return noise
 
     def _eval_generator(self, device: torch.device, adapter_name: str) -> torch.Generator:
         """A generator seeded by (sample_seed, sample index, layer index): eval samples are reproducible."""
@@ -306,10 +326,41 @@ class Linear(nn.Module, ABMLLLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        kept = self._kept_sample_weight(x)
+        if kept is not None:  # a kept posterior sample folded into the weight: one matmul, as the base alone
+            return F.linear(x, kept, self.base_layer.bias)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._active_abmll_adapters():
             result = result + self.adapter_output(x, name).to(result.dtype)
         return result
+
+    def _kept_sample_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``W + s * B_m @ A_m + sigma * eps``: a kept eval sample folded into a float32 `nn.Linear`'s weight.
+
+        Only inside ``posterior_sample(keep=True)`` without gradients, for one active ABMLL adapter on a plain
+        float32 `torch.nn.Linear` with a float32 input (elsewhere, e.g. bf16 weights that would round the noise,
+        None: the output is computed as base + mean path + noise). The folded weight equals the three terms to
+        float32 rounding and is built once per sample, like the noise it holds.
+        """
+        cache = self.abmll_sample_cache
+        base = self.get_base_layer()
+        names = list(self._active_abmll_adapters())
+        if cache is None or torch.is_grad_enabled() or type(base) is not nn.Linear or len(names) != 1:
+            return None
+        name = names[0]
+        if base.weight.dtype != torch.float32 or x.dtype != torch.float32 or not self._samples(name):
+            return None
+        factors = self.posterior_factors(name)
+        key = (self.abmll_sample_index, base.weight._version, id(base.weight), x.device)
+        key += tuple((id(f), f._version) for f in factors)
+        entry = cache.get(("weight", name))
+        if entry is None or entry[0] != key:
+            mean_A, mean_B, scale_A, scale_B = factors
+            noise = self._eval_sample_noise(name, scale_A, scale_B, x.device)
+            weight = torch.addmm(base.weight, mean_B.float(), mean_A.float(), alpha=self.scaling[name]).add_(noise)
+            cache.pop(name, None)  # the noise lives on inside the folded weight only
+            entry = cache[("weight", name)] = (key, weight)
+        return entry[1]
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the active posterior's *mean* into the base weight (never a sample)."""

@@ -340,21 +340,27 @@ class ABMLLModel(BaseTuner):
         return params
 
     @contextlib.contextmanager
-    def posterior_sample(self, index: int) -> Iterator[None]:
+    def posterior_sample(self, index: int, keep: bool = True) -> Iterator[None]:
         """Within the block, eval forward passes draw the seeded posterior sample number `index`.
 
         Deterministic: the same `index` gives the same sample (seeded by ``sample_seed``, the index and
         the layer), different indices give independent samples. Used by `peft_abmll.predict_proba`.
+
+        With `keep` (default), each layer draws its sample once and reuses it for every forward in the block
+        (redrawn if its scale factors change), so scoring many batches with one sample costs one draw: the
+        block holds one ``d_out x d_in`` float32 matrix per adapted layer, freed when it ends. ``keep=False``
+        draws at every forward and holds nothing.
         """
         layers = list(self._abmll_layers())
-        previous = [(layer.abmll_sample_index, layer.abmll_eval_sampling) for layer in layers]
+        previous = [(layer.abmll_sample_index, layer.abmll_eval_sampling, layer.abmll_sample_cache) for layer in layers]
         for layer in layers:
             layer.abmll_sample_index, layer.abmll_eval_sampling = index, True
+            layer.abmll_sample_cache = {} if keep else None
         try:
             yield
         finally:
-            for layer, (value, flag) in zip(layers, previous):
-                layer.abmll_sample_index, layer.abmll_eval_sampling = value, flag
+            for layer, (value, flag, cache) in zip(layers, previous):
+                layer.abmll_sample_index, layer.abmll_eval_sampling, layer.abmll_sample_cache = value, flag, cache
 
 
 _PEFT_PREFIX = "base_model.model."
