@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -290,3 +291,20 @@ def test_cost_model_extrapolates_depth_and_its_worker_times_every_phase(monkeypa
     assert set(times) == {"lora", "inner", "global"} and all(t > 0 for t in times.values())
     row = {"shape": "tiny", "layers": 3, "predicted": model.predict(times, times, 3)}
     assert "| tiny | 3 |" in model.table([row])
+
+
+def test_profile_splits_an_episode_into_its_pieces(monkeypatch, tmp_path, capsys) -> None:
+    cost_model = _load_script("cost_model")
+    monkeypatch.setitem(sys.modules, "cost_model", cost_model)  # what the profiler script imports
+    tiny = dict(arch="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=97)  # fmt: skip
+    monkeypatch.setitem(cost_model.SHAPES, "tiny", tiny)
+    profiler = _load_script("profile_step")
+    out = tmp_path / "profile.json"
+    profiler.main(["--shape", "tiny", "--seq", "8", "--reps", "1", "--threads", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    inner, outer, lora = rows["ABMLL inner step"], rows["ABMLL global update"], rows["LoRA step"]
+    assert inner["abmll.kl"] > 0 and inner["abmll.noise"] > 0 and inner["Optimizer.step#"] > 0
+    assert outer["abmll.global_direction"] > 0 and outer["abmll.kl"] == 0  # the direction is not the fused KL
+    assert lora["abmll.kl"] == lora["abmll.noise"] == 0 and lora["Optimizer.step#"] > 0
+    assert "| ABMLL inner step |" in capsys.readouterr().out

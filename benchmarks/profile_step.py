@@ -1,0 +1,170 @@
+"""Where an ABMLL episode's time goes: one inner step and one global update, split by component.
+
+    python benchmarks/profile_step.py                          # the 4-layer d-2048 Llama, batch 2 x 128 tokens
+    python benchmarks/profile_step.py --shape smollm2-135m --seq 512
+
+Runs torch's profiler over ``--reps`` inner steps and global updates (after a warm-up) with the ABMLL pieces
+labelled: the KL's value and analytic gradient (``fused_kl``, and its ``_KLBackward``), the output-noise path
+(``lowrank_noise`` forward and ``_LocalNoiseBackward``), the global update's direction (``abmll_direction``),
+the optimizer step (torch's own ``Optimizer.step#...`` event), and everything else in forward and backward (the
+base model and the adapter's mean path).
+A LoRA step on the same model and batch is profiled the same way for reference. Shares are of the wall time
+inside the profiled region; the table goes to stdout (Markdown) and the raw numbers to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import peft_abmll
+from peft_abmll import fused, global_update
+from peft_abmll.algorithms import ABMLLView, inner_loop
+from peft_abmll.tables import render_table
+
+LABELS = {
+    "abmll.kl": "KL value + gradient (forward pass of the fused KL)",
+    "_KLBackward": "KL backward (multiplies the saved gradients)",
+    "abmll.noise": "output noise, forward",
+    "_LocalNoiseBackward": "output noise, backward",
+    "abmll.global_direction": "global update: natural-gradient direction",
+    "Optimizer.step#": "optimizer step",
+}
+
+
+def _labelled(fn: Any, label: str) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with record_function(label):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def labelled_pieces() -> Any:
+    """Label the ABMLL pieces for the profiler (restored afterwards)."""
+    patches = [
+        (fused, "fused_kl", "abmll.kl"),
+        (fused, "lowrank_noise", "abmll.noise"),
+        (global_update, "abmll_direction", "abmll.global_direction"),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, label in patches:
+        setattr(owner, name, _labelled(getattr(owner, name), label))
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def breakdown(prof: Any, total_s: float) -> dict[str, float]:
+    """Seconds per labelled piece (CPU time of its top-level events), and the rest of the region."""
+    seconds = dict.fromkeys(LABELS, 0.0)
+    for event in prof.events():
+        for label in LABELS:
+            if (
+                event.name == label
+                or event.name.endswith(label)
+                or event.name.startswith(label + "AdamW")
+                or (event.name.startswith(label + "SGD"))
+            ):
+                seconds[label] += event.cpu_time_total / 1e6
+    seconds["rest"] = max(0.0, total_s - sum(seconds.values()))
+    return seconds
+
+
+def _profile(fn: Any, reps: int) -> tuple[Any, float]:
+    fn()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        seconds = time.perf_counter() - start
+    return prof, seconds / reps
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import cost_model  # the model shapes, shared with the cost model
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-d2048", choices=list(cost_model.SHAPES))
+    parser.add_argument("--layers", type=int, default=None, help="Decoder layers (default: the shape's).")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/profile_step.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shape = cost_model.SHAPES[args.shape]
+    base = cost_model._build(shape, args.layers or shape["num_hidden_layers"])
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    targets = cost_model.TARGETS
+    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets)).train()
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
+
+    def lora_step() -> None:
+        lora(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rows: dict[str, dict[str, float]] = {}
+    with labelled_pieces():
+        prof, seconds = _profile(lora_step, args.reps)
+        rows["LoRA step"] = {"seconds": seconds, **breakdown(prof, seconds * args.reps)}
+        model = get_peft_model(lora.unload(), peft_abmll.ABMLLConfig(r=8, lora_alpha=16, target_modules=targets))
+        model.train()
+        view = ABMLLView(model)
+        outer = torch.optim.SGD(view.global_params(), lr=1.0)
+
+        def inner_step() -> None:
+            with view.local_mode():
+                inner_loop(model, view, [batch], lr=1e-4, fresh=False)
+
+        def global_step() -> None:
+            for param, direction in zip(view.global_params(), view.outer_direction()[0]):
+                param.grad = direction
+            outer.step()
+            outer.zero_grad(set_to_none=True)
+
+        view.reset()
+        inner_step()  # local != global: the KL does its full work
+        for name, fn in (("ABMLL inner step", inner_step), ("ABMLL global update", global_step)):
+            prof, seconds = _profile(fn, args.reps)
+            rows[name] = {"seconds": seconds, **breakdown(prof, seconds * args.reps)}
+    print(table(rows, args))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "settings": vars(args)}, indent=1))
+    print(f"\nwrote {args.out}")
+
+
+def table(rows: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
+    pieces = [*LABELS, "rest"]
+    header = [
+        "phase",
+        "s / call",
+        *(LABELS.get(p, "the rest: base model, adapter mean path, autograd") for p in pieces),
+    ]
+    lines = []
+    for name, row in rows.items():
+        total = row["seconds"] * args.reps
+        lines.append([name, f"{row['seconds']:.3f}", *(f"{100 * row[p] / total:.0f} %" for p in pieces)])
+    return render_table(header, lines, markdown=True)
+
+
+if __name__ == "__main__":
+    main()
