@@ -14,6 +14,9 @@ q/v/o, batch x tokens):
 - ``inner``: one ABMLL inner step (sampled forward, NLL + KL, gradients of the local pairs, AdamW);
 - ``global``: ABMLL's global update (the natural-gradient direction of the KL and hyperprior, one SGD step).
 
+LoRA and ABMLL sit on two copies of the same model in one process and the three phases take turns, ``--reps``
+times (medians), so a slow spell of a shared machine hits all of them.
+
 An episode is K = 5 inner steps and one global update against K LoRA steps, so the predicted ratio is
 ``(K * inner(n) + global(n)) / (K * lora(n))``. ``--validate`` checks the model on sizes that fit here: the same
 three timings on the full-depth model against the prediction from its 1- and 2-layer versions. The same script
@@ -83,27 +86,27 @@ def _build(shape: dict[str, Any], layers: int) -> Any:
     return LlamaForCausalLM(LlamaConfig(**kwargs))
 
 
-def _timer(device: Any) -> Any:
+def _interleaved_medians(fns: dict[str, Any], reps: int, device: Any) -> dict[str, float]:
+    """Median seconds of each function, the functions taking turns (a slow spell of the machine hits them all)."""
     import torch
 
-    def median_seconds(fn: Any, reps: int) -> float:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
         fn()  # warm-up
-        times = []
-        for _ in range(reps):
+    for _ in range(reps):
+        for name, fn in fns.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    return median_seconds
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def worker(spec: dict[str, Any]) -> dict[str, float]:
-    """The three timings of one (shape, depth) in this process."""
+    """The three timings of one (shape, depth) in this process: LoRA and ABMLL on two copies of the same model."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -112,23 +115,21 @@ def worker(spec: dict[str, Any]) -> dict[str, float]:
 
     torch.set_num_threads(spec["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    timed = _timer(device)
-    base = _build(SHAPES[spec["shape"]], spec["layers"]).to(device)
-    ids = torch.randint(0, base.config.vocab_size, (spec["batch"], spec["seq"]), device=device)
+    shape, layers = SHAPES[spec["shape"]], spec["layers"]
+    lora = get_peft_model(_build(shape, layers).to(device), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    config = peft_abmll.ABMLLConfig(r=8, lora_alpha=16, target_modules=TARGETS)
+    model = get_peft_model(_build(shape, layers).to(device), config)
+    ids = torch.randint(0, shape["vocab_size"], (spec["batch"], spec["seq"]), device=device)
     batch = {"input_ids": ids, "labels": ids}
-    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)).train()
+    lora.train(), model.train()
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
+    view = ABMLLView(model)
+    outer = torch.optim.SGD(view.global_params(), lr=1.0)
 
     def lora_step() -> None:
         lora(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-    out = {"lora": timed(lora_step, spec["reps"])}
-    base = lora.unload()
-    model = get_peft_model(base, peft_abmll.ABMLLConfig(r=8, lora_alpha=16, target_modules=TARGETS)).train()
-    view = ABMLLView(model)
-    outer = torch.optim.SGD(view.global_params(), lr=1.0)
 
     def inner_step() -> None:
         with view.local_mode():
@@ -142,9 +143,8 @@ def worker(spec: dict[str, Any]) -> dict[str, float]:
 
     view.reset()
     inner_step()  # local != global from here on: the KL and the global update do their full work
-    out["inner"] = timed(inner_step, spec["reps"])
-    out["global"] = timed(global_update, spec["reps"])
-    return out
+    fns = {"lora": lora_step, "inner": inner_step, "global": global_update}
+    return _interleaved_medians(fns, spec["reps"], device)
 
 
 # ------------------------------------------------------------------------------------------- driver side
