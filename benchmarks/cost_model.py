@@ -2,13 +2,13 @@
 
     python benchmarks/cost_model.py                                   # validate on 2 sizes, predict 4 real ones
     python benchmarks/cost_model.py --shapes llama3-8b --seq 512 --reps 1
-    python benchmarks/cost_model.py --validate smollm2-135m --predict  # any subset
+    python benchmarks/cost_model.py --validate smollm2-135m --shapes   # any subset
 
-A decoder-only model's step costs ``T(n) = T(1) + (n - 1) * (T(2) - T(1))`` for n decoder layers: embedding,
-LM head (the real vocabulary) and loss are in ``T(1)``, every layer adds the same attention, MLP and adapter
-work. So the target architecture is built with 1 and with 2 decoder layers (random weights, the real widths,
-heads and vocabulary) and three things are timed on each, in a fresh process, at the paper's settings (rank 8,
-q/v/o, batch x tokens):
+A decoder-only model's step costs ``T(n) = a + b * n`` for n decoder layers: embedding, LM head (the real
+vocabulary) and loss are in ``a``, every layer adds the same attention, MLP and adapter work ``b``. So the target
+architecture is built with a few depths (``--depths``, default 1, 2 and 4 layers; random weights, the real
+widths, heads and vocabulary), the line is fit through the timings (least squares), and three things are timed
+on each, in a fresh process, at the paper's settings (rank 8, q/v/o, batch x tokens):
 
 - ``lora``: one LoRA training step (forward, backward, AdamW);
 - ``inner``: one ABMLL inner step (sampled forward, NLL + KL, gradients of the local pairs, AdamW);
@@ -19,7 +19,7 @@ times (medians), so a slow spell of a shared machine hits all of them.
 
 An episode is K = 5 inner steps and one global update against K LoRA steps, so the predicted ratio is
 ``(K * inner(n) + global(n)) / (K * lora(n))``. ``--validate`` checks the model on sizes that fit here: the same
-three timings on the full-depth model against the prediction from its 1- and 2-layer versions. The same script
+three timings on the full-depth model against the prediction from its shallow versions. The same script
 runs unchanged on a GPU (CUDA timings synchronise). Prints a table; writes JSON (``--out``).
 """
 
@@ -58,9 +58,15 @@ PREDICT = ("smollm2-360m", "smollm2-1.7b", "llama3-8b", "qwen2-7b")
 
 
 # ------------------------------------------------------------------------------------------- the model
-def extrapolate(one: float, two: float, layers: int) -> float:
-    """``T(n)`` from ``T(1)`` and ``T(2)``: the first layer carries the fixed cost, each further one ``T(2) - T(1)``."""
-    return one + (layers - 1) * (two - one)
+def extrapolate(times: dict[int, float], layers: int) -> float:
+    """``T(layers)`` from timings at a few depths: the least-squares line ``a + b * depth`` through them."""
+    depths = sorted(times)
+    if len(depths) < 2:
+        raise ValueError("the depth model needs timings at two depths or more")
+    mean_d = sum(depths) / len(depths)
+    mean_t = sum(times[d] for d in depths) / len(depths)
+    slope = sum((d - mean_d) * (times[d] - mean_t) for d in depths) / sum((d - mean_d) ** 2 for d in depths)
+    return mean_t + slope * (layers - mean_d)
 
 
 def episode_ratio(times: dict[str, float], k: int = K) -> float:
@@ -68,9 +74,9 @@ def episode_ratio(times: dict[str, float], k: int = K) -> float:
     return (k * times["inner"] + times["global"]) / (k * times["lora"])
 
 
-def predict(one: dict[str, float], two: dict[str, float], layers: int, k: int = K) -> dict[str, float]:
-    """Per-phase times of the `layers`-deep model and its episode ratio, from its 1- and 2-layer timings."""
-    times = {key: extrapolate(one[key], two[key], layers) for key in ("lora", "inner", "global")}
+def predict(by_depth: dict[int, dict[str, float]], layers: int, k: int = K) -> dict[str, float]:
+    """Per-phase times of the `layers`-deep model and its episode ratio, from timings at smaller depths."""
+    times = {key: extrapolate({d: t[key] for d, t in by_depth.items()}, layers) for key in ("lora", "inner", "global")}
     return {**times, "episode_ratio": episode_ratio(times, k)}
 
 
@@ -164,9 +170,9 @@ def measure(shape: str, layers: int, args: argparse.Namespace) -> dict[str, floa
 
 def study(shape: str, args: argparse.Namespace, validate: bool) -> dict[str, Any]:
     layers = SHAPES[shape]["num_hidden_layers"]
-    one, two = measure(shape, 1, args), measure(shape, 2, args)
-    row: dict[str, Any] = {"shape": shape, "layers": layers, "one": one, "two": two}
-    row["predicted"] = predict(one, two, layers)
+    by_depth = {d: measure(shape, d, args) for d in args.depths if d < layers}
+    row: dict[str, Any] = {"shape": shape, "layers": layers, "by_depth": by_depth}
+    row["predicted"] = predict(by_depth, layers)
     if validate:
         full = measure(shape, layers, args)
         row["measured"] = {**full, "episode_ratio": episode_ratio(full)}
@@ -194,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--validate", nargs="*", default=list(VALIDATE), choices=list(SHAPES))
     parser.add_argument("--shapes", nargs="*", default=list(PREDICT), choices=list(SHAPES), help="Predict these.")
+    parser.add_argument(
+        "--depths", nargs="+", type=int, default=[1, 2, 4], help="Decoder layers of the timed builds (a line is fit)."
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--reps", type=int, default=3)

@@ -278,10 +278,13 @@ def test_cost_ratios_are_per_round_medians_with_their_spread() -> None:
 
 def test_cost_model_extrapolates_depth_and_its_worker_times_every_phase(monkeypatch) -> None:
     model = _load_script("cost_model")
-    # a linear cost in depth is recovered exactly; the fixed part lives in the first layer
-    assert model.extrapolate(3.0, 5.0, 10) == pytest.approx(3.0 + 9 * 2.0)
+    # a linear cost in depth is recovered exactly; noise around a line is averaged (least squares)
+    assert model.extrapolate({1: 3.0, 2: 5.0}, 10) == pytest.approx(3.0 + 9 * 2.0)
+    assert model.extrapolate({1: 3.1, 2: 4.8, 4: 9.1}, 10) == pytest.approx(1.0 + 2.0 * 10, abs=0.5)
+    with pytest.raises(ValueError, match="two depths"):
+        model.extrapolate({1: 3.0}, 10)
     one, two = {"lora": 1.0, "inner": 1.2, "global": 0.5}, {"lora": 1.5, "inner": 1.9, "global": 1.0}
-    p = model.predict(one, two, layers=4, k=5)
+    p = model.predict({1: one, 2: two}, layers=4, k=5)
     assert (p["lora"], p["inner"], p["global"]) == (pytest.approx(2.5), pytest.approx(3.3), pytest.approx(2.0))
     assert p["episode_ratio"] == pytest.approx((5 * 3.3 + 2.0) / (5 * 2.5))
     tiny = dict(arch="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -289,7 +292,7 @@ def test_cost_model_extrapolates_depth_and_its_worker_times_every_phase(monkeypa
     monkeypatch.setitem(model.SHAPES, "tiny", tiny)
     times = model.worker({"shape": "tiny", "layers": 2, "batch": 1, "seq": 8, "reps": 1, "threads": 1})
     assert set(times) == {"lora", "inner", "global"} and all(t > 0 for t in times.values())
-    row = {"shape": "tiny", "layers": 3, "predicted": model.predict(times, times, 3)}
+    row = {"shape": "tiny", "layers": 3, "predicted": model.predict({1: times, 2: times}, 3)}
     assert "| tiny | 3 |" in model.table([row])
 
 
