@@ -176,6 +176,7 @@ def predict_proba(
     rng = np.random.default_rng(seed)
     chunks = [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
     chunk_shots = [[_shots(shots, num_shots, rng) for _ in chunk] for chunk in chunks]
+    inputs: list[Any]  # per chunk: its examples' option inputs (option scoring) or one letter batch
     if scoring == "option":
         inputs = [[_option_inputs(enc, e, sh) for e, sh in zip(c, s)] for c, s in zip(chunks, chunk_shots)]
     else:

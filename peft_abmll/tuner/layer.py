@@ -18,7 +18,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -328,7 +328,7 @@ class Linear(nn.Module, ABMLLLayer):
             return self.base_layer(x, *args, **kwargs)
         kept = self._kept_sample_weight(x)
         if kept is not None:  # a kept posterior sample folded into the weight: one matmul, as the base alone
-            return F.linear(x, kept, self.base_layer.bias)
+            return F.linear(x, kept, cast(Optional[torch.Tensor], self.get_base_layer().bias))
         result = self.base_layer(x, *args, **kwargs)
         for name in self._active_abmll_adapters():
             result = result + self.adapter_output(x, name).to(result.dtype)
@@ -351,7 +351,7 @@ class Linear(nn.Module, ABMLLLayer):
         if base.weight.dtype != torch.float32 or x.dtype != torch.float32 or not self._samples(name):
             return None
         factors = self.posterior_factors(name)
-        key = (self.abmll_sample_index, base.weight._version, id(base.weight), x.device)
+        key: tuple[Any, ...] = (self.abmll_sample_index, base.weight._version, id(base.weight), x.device)
         key += tuple((id(f), f._version) for f in factors)
         entry = cache.get(("weight", name))
         if entry is None or entry[0] != key:
