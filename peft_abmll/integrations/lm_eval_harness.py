@@ -50,7 +50,7 @@ class ABMLLHarnessModel(HFLM):
         assert tuner is not None  # checked in __init__
         total: Optional[torch.Tensor] = None
         for s in range(self.num_samples):
-            with tuner.posterior_sample(s):
+            with tuner.posterior_sample(s, keep=False):  # one forward per sample: nothing to reuse, so hold nothing
                 log_probs = torch.log_softmax(super()._model_call(inps, attn_mask, labels).float(), dim=-1)
             total = log_probs if total is None else torch.logaddexp(total, log_probs)
         assert total is not None
