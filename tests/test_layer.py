@@ -348,6 +348,17 @@ def test_a_kept_sample_is_the_same_draw_made_once_and_redrawn_when_the_posterior
     assert len(draws) == 2 * layers
 
 
+def test_training_mode_never_uses_a_kept_sample(tiny_llama: nn.Module, inputs: Inputs) -> None:
+    model = _abmll(tiny_llama, init_weights=False, init_std=0.05).train()
+    with model.posterior_sample(0):
+        torch.manual_seed(5)
+        first = _logits(model, inputs)
+        torch.manual_seed(6)
+        second = _logits(model, inputs)
+        assert all(layer.abmll_sample_cache == {} for layer, _ in model.abmll_layers_with_adapter())  # none kept
+    assert not torch.allclose(first, second)  # fresh training noise from the global RNG at every forward
+
+
 def test_a_kept_sample_is_not_folded_into_low_precision_weights(tiny_llama: nn.Module, inputs: Inputs) -> None:
     """bf16 weights would round the noise away: there the sample stays a separate float32 term, bit for bit."""
     model = _abmll(tiny_llama.to(torch.bfloat16), init_weights=False, init_std=0.05, predictive_mode="sample").eval()

@@ -345,8 +345,8 @@ class Linear(nn.Module, ABMLLLayer):
         cache = self.abmll_sample_cache
         base = self.get_base_layer()
         names = list(self._active_abmll_adapters())
-        if cache is None or torch.is_grad_enabled() or type(base) is not nn.Linear or len(names) != 1:
-            return None
+        if cache is None or self.training or torch.is_grad_enabled() or type(base) is not nn.Linear or len(names) != 1:
+            return None  # (training mode samples with the training RNG and dropout, never a kept sample)
         name = names[0]
         if base.weight.dtype != torch.float32 or x.dtype != torch.float32 or not self._samples(name):
             return None
