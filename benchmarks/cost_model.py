@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,23 +112,24 @@ def _interleaved_medians(fns: dict[str, Any], reps: int, device: Any) -> dict[st
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def worker(spec: dict[str, Any]) -> dict[str, float]:
-    """The three timings of one (shape, depth) in this process: LoRA and ABMLL on two copies of the same model."""
-    import torch
+def peft_models(shape: dict[str, Any], layers: int, device: Any) -> tuple[Any, Any]:
+    """Two copies of the same random model, one with LoRA and one with ABMLL (rank 8, q/v/o), in training mode."""
     from peft import LoraConfig, get_peft_model
 
     import peft_abmll
-    from peft_abmll.algorithms import ABMLLView, inner_loop
 
-    torch.set_num_threads(spec["threads"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape, layers = SHAPES[spec["shape"]], spec["layers"]
     lora = get_peft_model(_build(shape, layers).to(device), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     config = peft_abmll.ABMLLConfig(r=8, lora_alpha=16, target_modules=TARGETS)
-    model = get_peft_model(_build(shape, layers).to(device), config)
-    ids = torch.randint(0, shape["vocab_size"], (spec["batch"], spec["seq"]), device=device)
-    batch = {"input_ids": ids, "labels": ids}
-    lora.train(), model.train()
+    return lora.train(), get_peft_model(_build(shape, layers).to(device), config).train()
+
+
+def episode_phases(lora: Any, model: Any, batch: dict[str, Any]) -> dict[str, Callable[[], None]]:
+    """The timed phases: a LoRA step, an ABMLL inner step, an ABMLL global update (after one inner step, so that
+    local != global and the KL and the global update do their full work)."""
+    import torch
+
+    from peft_abmll.algorithms import ABMLLView, inner_loop
+
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
     view = ABMLLView(model)
     outer = torch.optim.SGD(view.global_params(), lr=1.0)
@@ -148,9 +150,21 @@ def worker(spec: dict[str, Any]) -> dict[str, float]:
         outer.zero_grad(set_to_none=True)
 
     view.reset()
-    inner_step()  # local != global from here on: the KL and the global update do their full work
-    fns = {"lora": lora_step, "inner": inner_step, "global": global_update}
-    return _interleaved_medians(fns, spec["reps"], device)
+    inner_step()
+    return {"lora": lora_step, "inner": inner_step, "global": global_update}
+
+
+def worker(spec: dict[str, Any]) -> dict[str, float]:
+    """The three timings of one (shape, depth) in this process: LoRA and ABMLL on two copies of the same model."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = SHAPES[spec["shape"]]
+    lora, model = peft_models(shape, spec["layers"], device)
+    ids = torch.randint(0, shape["vocab_size"], (spec["batch"], spec["seq"]), device=device)
+    phases = episode_phases(lora, model, {"input_ids": ids, "labels": ids})
+    return _interleaved_medians(phases, spec["reps"], device)
 
 
 # ------------------------------------------------------------------------------------------- driver side

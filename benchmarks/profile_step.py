@@ -24,12 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import peft_abmll
 from peft_abmll import fused, global_update
-from peft_abmll.algorithms import ABMLLView, inner_loop
 from peft_abmll.tables import render_table
 
 LABELS = {
@@ -110,41 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = cost_model.SHAPES[args.shape]
-    base = cost_model._build(shape, args.layers or shape["num_hidden_layers"])
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "labels": ids}
-    targets = cost_model.TARGETS
-    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets)).train()
-    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
-
-    def lora_step() -> None:
-        lora(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    lora, model = cost_model.peft_models(shape, args.layers or shape["num_hidden_layers"], torch.device("cpu"))
+    ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    phases = cost_model.episode_phases(lora, model, {"input_ids": ids, "labels": ids})
     rows: dict[str, dict[str, float]] = {}
     with labelled_pieces():
-        prof, seconds = _profile(lora_step, args.reps)
-        rows["LoRA step"] = {"seconds": seconds, **breakdown(prof, seconds * args.reps)}
-        model = get_peft_model(lora.unload(), peft_abmll.ABMLLConfig(r=8, lora_alpha=16, target_modules=targets))
-        model.train()
-        view = ABMLLView(model)
-        outer = torch.optim.SGD(view.global_params(), lr=1.0)
-
-        def inner_step() -> None:
-            with view.local_mode():
-                inner_loop(model, view, [batch], lr=1e-4, fresh=False)
-
-        def global_step() -> None:
-            for param, direction in zip(view.global_params(), view.outer_direction()[0]):
-                param.grad = direction
-            outer.step()
-            outer.zero_grad(set_to_none=True)
-
-        view.reset()
-        inner_step()  # local != global: the KL does its full work
-        for name, fn in (("ABMLL inner step", inner_step), ("ABMLL global update", global_step)):
-            prof, seconds = _profile(fn, args.reps)
+        for name, phase in (("LoRA step", "lora"), ("ABMLL inner step", "inner"), ("ABMLL global update", "global")):
+            prof, seconds = _profile(phases[phase], args.reps)
             rows[name] = {"seconds": seconds, **breakdown(prof, seconds * args.reps)}
     print(table(rows, args))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
