@@ -209,6 +209,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     return render_table(header, lines, markdown=True)
 
 
+def add_run_options(parser: argparse.ArgumentParser, seq: int) -> None:
+    """``--batch``, ``--seq``, ``--reps`` and ``--threads``: how a timed step is run (shared with the profiler)."""
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=seq)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -217,10 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--depths", nargs="+", type=int, default=[1, 2, 4], help="Decoder layers of the timed builds (a line is fit)."
     )
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    add_run_options(parser, seq=512)
     parser.add_argument("--out", default="benchmarks/results/cost_model.json")
     args = parser.parse_args(argv)
     if args.worker:
