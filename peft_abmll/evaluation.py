@@ -116,12 +116,12 @@ def evaluate_tasks(
     encoder = encoder_for(tokenizer, encoder)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     runnable = _runnable_tasks(prepare_tasks(tasks, protocol.max_choices), protocol.support_size, warn=rank == 0)
-    show = progress and rank == 0
-    if _every_forward_is_collective(accelerator):
-        rank, world = 0, 1  # all processes run every task in step (the same forwards), no gathering
-    mine = tqdm(runnable[rank::world], desc=f"evaluating {name}", unit="task", disable=not show)
+    main = rank == 0
+    show = progress and main
+    share, shares = (0, 1) if _every_forward_is_collective(accelerator) else (rank, world)  # FSDP: every task
+    mine = tqdm(runnable[share::shares], desc=f"evaluating {name}", unit="task", disable=not show)
     outcomes = [_evaluate_task(model, t, task, rows, encoder, protocol, show) for t, task, rows in mine]
-    if world > 1:
+    if shares > 1:
         from accelerate.utils import gather_object
 
         outcomes = gather_object(outcomes)
@@ -129,7 +129,7 @@ def evaluate_tasks(
     if not outcomes:
         raise ValueError("No evaluation task had enough examples for the support set plus a query example.")
     results = _summarise(outcomes, protocol)
-    if output_dir is not None and rank == 0:
+    if output_dir is not None and main:  # one writer, also when every process evaluated every task
         curves = {name: (torch.tensor(results["probs"]), torch.tensor(results["labels"]))}
         write_results(results, curves, output_dir, name, protocol.n_bins)
     return results

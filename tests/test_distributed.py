@@ -322,3 +322,24 @@ def test_asking_for_fsdp_where_accelerate_cannot_run_it_warns(tmp_path, caplog, 
         monkeypatch.setattr(trainer.args, "fsdp", True)  # one process refuses fsdp=True before this point
         trainer._keep_adapter_out_of_fsdp()
     assert "did not enable FSDP" in caplog.text and "DDP" in caplog.text
+
+
+def test_under_fsdp_each_process_evaluates_every_task_and_only_the_main_one_writes(tmp_path) -> None:
+    from accelerate.utils import DistributedType
+
+    from peft_abmll import evaluate_tasks
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+    tasks = task_family(num_tasks=3, per_task=12, seed=1)
+    alone = evaluate_tasks(model, tasks, tokenizer=tok, max_query=4, progress=False)
+    for rank in (0, 1):  # what rank 0 and rank 1 of a 2-process FSDP run compute (no collective is needed here)
+        fsdp = SimpleNamespace(process_index=rank, num_processes=2, distributed_type=DistributedType.FSDP)
+        out = tmp_path / f"rank{rank}"
+        results = evaluate_tasks(
+            model, tasks, tokenizer=tok, max_query=4, progress=False, accelerator=fsdp, output_dir=out, name="e"
+        )
+        assert results["per_task"].keys() == alone["per_task"].keys()  # every task, not every other one
+        assert results["macro"] == pytest.approx(alone["macro"])
+        assert (out / "e_results.json").exists() == (rank == 0)
