@@ -26,6 +26,7 @@ gradient, not the natural step. Shapes: a posterior is ``(mean_A, mean_B, scale_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -132,19 +133,36 @@ def _at_least_float32(factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ..
 
 
 def _add_stats(stats: GlobalUpdateStats, mp: _Moments, mq: _Moments, diff: torch.Tensor, prior: HyperPrior) -> None:
-    """Accumulate the per-entry sums of one block (KL, -log hyperprior, variances, spread)."""
-    ratio = mq["var"] / mp["var"]
-    stats["entries"] += float(diff.numel())
-    stats["kl"] += float((0.5 * (ratio - ratio.log() - 1.0 + diff.square() / mp["var"])).sum())
-    log_prior = bayes.log_normal(mp["mean"], prior.mean_std) + bayes.log_gamma_precision(mp["var"], prior.a0, prior.b0)
-    stats["neg_log_prior"] -= float(log_prior.sum())
-    stats["global_var"] += float(mp["var"].sum())
-    stats["target_var"] += float((mq["var"] + diff.square()).sum())
-    stats["spread"] += float(diff.square().sum())
-    stats["global_mean_sq"] += float(mp["mean"].square().sum())
+    """Accumulate the per-entry sums of one block (KL, -log hyperprior, variances, spread).
+
+    Every sum is assembled from a few shared dense sums (``sum var_p``, ``sum log var_p``, ``sum 1 / var_p``,
+    ``sum (var_q + diff**2) / var_p`` ...) instead of one dense expression per statistic: the same numbers as
+    the element-wise formulas of `peft_abmll.bayes` (tested), in about half the passes over the block.
+    """
+    var_p, var_q, n = mp["var"], mq["var"], diff.numel()
+    target = torch.addcmul(var_q, diff, diff)  # var_q + diff**2: the variance the KL pulls var_p toward
+    inv_p = var_p.reciprocal()
+    sum_log_var_p = float(var_p.log().sum())
+    sum_inv_p = float(inv_p.sum())
+    mean_sq = float(torch.dot(mp["mean"].reshape(-1), mp["mean"].reshape(-1)))
+    spread = float(torch.dot(diff.reshape(-1), diff.reshape(-1)))
+    # 2 KL = sum (var_q + diff**2) / var_p - sum log var_q + sum log var_p - n
+    kl = 0.5 * (float(torch.dot(target.reshape(-1), inv_p.reshape(-1))) - float(var_q.log().sum()) + sum_log_var_p - n)
+    # log N(mean; 0, s**2) + log Gamma(1 / var; a0, b0), summed
+    log_normal = -0.5 * n * math.log(2 * math.pi * prior.mean_std**2) - mean_sq / (2 * prior.mean_std**2)
+    log_gamma = n * (prior.a0 * math.log(prior.b0) - math.lgamma(prior.a0))
+    log_gamma -= (prior.a0 - 1.0) * sum_log_var_p + prior.b0 * sum_inv_p
+    stats["entries"] += float(n)
+    stats["kl"] += kl
+    stats["neg_log_prior"] -= log_normal + log_gamma
+    stats["global_var"] += float(var_p.sum())
+    stats["target_var"] += float(var_q.sum()) + spread
+    stats["spread"] += spread
+    stats["global_mean_sq"] += mean_sq
     # the two parts of the variance step (variance units): the KL's pull and the hyperprior's
-    stats["var_step_kl"] += float((mp["var"] - mq["var"] - diff.square()).abs().sum())
-    stats["var_step_prior"] += float((2 * prior.weight * ((prior.a0 - 1) * mp["var"] - prior.b0)).abs().sum())
+    stats["var_step_kl"] += float(torch.sub(var_p, target).abs_().sum())
+    step_prior = torch.mul(var_p, prior.a0 - 1.0).sub_(prior.b0).abs_().sum()
+    stats["var_step_prior"] += float(2 * abs(prior.weight) * step_prior)
 
 
 def _solve_right(A: torch.Tensor, G: torch.Tensor, damping: float) -> torch.Tensor:

@@ -24,7 +24,7 @@ from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, TaskEnco
 from peft_abmll.algorithms import ABMLLView, inner_loop
 from peft_abmll.baselines import METHODS, train_method
 from peft_abmll.bayes import closed_form_global_moments, global_variance_direction
-from peft_abmll.fused import ScaleSpec
+from peft_abmll.fused import ScaleSpec, _block_moments, _prescaled
 from peft_abmll.global_update import HyperPrior, abmll_direction
 
 # ------------------------------------------------------------------------------------------- pure functions
@@ -159,6 +159,36 @@ def test_variance_step_has_a_trust_region():
     target = (_moments(global_, spec)[1] + (_moments(local, spec)[0] - _moments(global_, spec)[0]).square()).sqrt()
     assert (target > 50 * before).all()
     assert (after > 1.5 * before).all() and (after < 2.5 * before).all()
+
+
+@pytest.mark.parametrize("scale_type", ["softplus", "linear"])
+def test_update_statistics_match_the_reference_densities(scale_type, monkeypatch):
+    """The logged sums (KL, -log hyperprior, variances, spread, the two variance-step parts), assembled from
+    shared dense sums over several row blocks, equal the element-wise reference with `torch.distributions`."""
+    monkeypatch.setattr(peft_abmll.fused, "BLOCK_ENTRIES", 12)  # 7 x 5 entries: several row blocks
+    spec = ScaleSpec(scale_type, 2.0, 1e-4, rho0=-3.0)
+    global_, local = _factors(7, 5, 3, 1e-2, 0, spec), _factors(7, 5, 3, 3e-2, 1, spec)
+    stats = abmll_direction(global_, local, spec, PRIOR)[1]
+    dense = [_block_moments(_prescaled(tuple(f), spec), slice(None), spec) for f in (global_, local)]
+    (mean_p, var_p), (mean_q, var_q) = ((m["mean"], m["var"]) for m in dense)  # float64, as the update runs
+    kl = kl_divergence(Normal(mean_q, var_q.sqrt()), Normal(mean_p, var_p.sqrt())).sum()
+    a0, b0, mean_std = (torch.tensor(v, dtype=torch.float64) for v in (PRIOR.a0, PRIOR.b0, PRIOR.mean_std))
+    log_prior = Normal(0.0, mean_std).log_prob(mean_p) + Gamma(a0, b0).log_prob(1 / var_p)
+    target = var_q + (mean_q - mean_p).square()
+    expected = {
+        "entries": 35.0,
+        "kl": kl,
+        "neg_log_prior": -log_prior.sum(),
+        "global_var": var_p.sum(),
+        "target_var": target.sum(),
+        "spread": (mean_q - mean_p).square().sum(),
+        "global_mean_sq": mean_p.square().sum(),
+        "var_step_kl": (var_p - target).abs().sum(),
+        "var_step_prior": (2 * PRIOR.weight * ((PRIOR.a0 - 1) * var_p - PRIOR.b0)).abs().sum(),
+    }
+    assert set(stats) == set(expected)
+    for key, value in expected.items():
+        assert stats[key] == pytest.approx(float(value), rel=1e-9, abs=1e-12), key
 
 
 # ------------------------------------------------------------------------------------------- the trainer

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from _models import run_python, tiny_llama
 from peft import (
     AutoPeftModelForCausalLM,
@@ -223,6 +224,34 @@ def test_merge_and_unload_and_unload(inputs: Inputs) -> None:
     unloaded = _trained(tiny_llama()).unload()
     assert isinstance(unloaded, LlamaForCausalLM) and not _layers(unloaded)
     assert torch.equal(_logits(unloaded, inputs), base_logits)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_merge_and_unload_keeps_a_trained_classification_head(family: str) -> None:
+    """Sequence classification: the head PEFT keeps whole (``modules_to_save``) comes back trained at unload.
+
+    RoBERTa's head is two layers with no ``weight`` of its own (PEFT's generic unload fails on it); BERT's is one
+    linear layer. The merged model predicts what the adapter's posterior mean did.
+    """
+    config_cls, model_cls = {
+        "bert": (transformers.BertConfig, transformers.BertForSequenceClassification),
+        "roberta": (transformers.RobertaConfig, transformers.RobertaForSequenceClassification),
+    }[family]
+    torch.manual_seed(0)
+    config = config_cls(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, vocab_size=100, num_labels=3
+    )
+    model = get_peft_model(model_cls(config), ABMLLConfig(task_type="SEQ_CLS", r=4, init_weights=False))
+    _perturb(model, "global")
+    with torch.no_grad():
+        for p in model.base_model.model.get_submodule("classifier").modules_to_save["default"].parameters():
+            p.add_(0.5)  # as if trained: differs from the base model's head
+    inputs = {"input_ids": torch.randint(3, 100, (2, 7))}
+    mean_logits = _logits(model.eval(), inputs)
+    merged = model.merge_and_unload()
+    assert isinstance(merged, model_cls) and not _layers(merged)
+    assert not any("modules_to_save" in name for name, _ in merged.named_modules())
+    torch.testing.assert_close(_logits(merged, inputs), mean_logits, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- registration

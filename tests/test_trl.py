@@ -21,7 +21,7 @@ from peft_abmll import ABMLLConfig, ABMLLModel, VariationalLossCallback, variati
 trl = pytest.importorskip("trl", reason="TRL is an optional test dependency: pip install trl")
 
 
-def test_sft_trainer_trains_saves_and_reloads_an_abmll_adapter(tok, tmp_path) -> None:
+def _sft_trainer(tok, tmp_path, **kwargs) -> trl.SFTTrainer:
     texts = [f"the {a} is {b}" for a in ("cat", "dog", "fish", "bird") for b in ("red", "blue", "green", "black")]
     args = trl.SFTConfig(
         output_dir=str(tmp_path / "sft"),
@@ -36,15 +36,20 @@ def test_sft_trainer_trains_saves_and_reloads_an_abmll_adapter(tok, tmp_path) ->
         max_length=32,
         seed=0,
     )
-    trainer = trl.SFTTrainer(
+    return trl.SFTTrainer(
         model=tiny_lm(tok),
         args=args,
         train_dataset=Dataset.from_dict({"text": texts}),
         processing_class=tok,
         peft_config=ABMLLConfig(task_type="CAUSAL_LM", init_std=0.05),
-        compute_loss_func=variational_loss,  # the Bayesian objective (TRL's own loss ignores outputs.loss)
         callbacks=[VariationalLossCallback()],
+        **kwargs,
     )
+
+
+def test_sft_trainer_trains_saves_and_reloads_an_abmll_adapter(tok, tmp_path, recwarn) -> None:
+    # compute_loss_func: the Bayesian objective (TRL's own loss ignores outputs.loss)
+    trainer = _sft_trainer(tok, tmp_path, compute_loss_func=variational_loss)
     model = trainer.model
     assert isinstance(model, PeftModel) and isinstance(model.base_model, ABMLLModel)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -53,6 +58,7 @@ def test_sft_trainer_trains_saves_and_reloads_an_abmll_adapter(tok, tmp_path) ->
     assert moved and all("abmll_global_" in n for n in moved)  # the global posterior trained
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all("abmll_neg_log_prior" in h for h in logged)  # the variational term was in the loss
+    assert not [w for w in recwarn if "ABMLL variational terms" in str(w.message)]
 
     trainer.save_model(str(tmp_path / "adapter"))
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -66,3 +72,12 @@ def test_sft_trainer_trains_saves_and_reloads_an_abmll_adapter(tok, tmp_path) ->
     with reloaded.disable_adapter():
         base = reloaded(ids).logits
     assert not torch.allclose(reloaded(ids).logits, base, atol=1e-4)  # the trained adapter is in use
+
+
+def test_sft_trainer_without_the_loss_function_warns_once_that_the_variational_terms_are_left_out(tok, tmp_path):
+    """TRL's own loss reads fused log-probs, never ``outputs.loss``: the user is told how to get the objective."""
+    trainer = _sft_trainer(tok, tmp_path)
+    with pytest.warns(UserWarning, match="compute_loss_func=peft_abmll.variational_loss") as caught:
+        trainer.train()
+    assert len([w for w in caught if "ABMLL variational terms" in str(w.message)]) == 1  # once, not per step
+    assert not any("abmll_neg_log_prior" in h for h in trainer.state.log_history)  # nothing pretends it trained

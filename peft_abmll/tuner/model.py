@@ -148,6 +148,18 @@ class ABMLLModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """PEFT's replacement; a module coming back whole at unload is put back as it is.
+
+        Unloading returns each wrapped module itself (a base linear layer, or the trained copy of a
+        ``modules_to_save`` head such as RoBERTa's two-layer classifier): it already holds its own weights, and
+        PEFT's generic ``new_module.weight = child.weight`` fails on heads that have no ``weight``.
+        """
+        if isinstance(new_module, BaseTunerLayer):
+            super()._replace_module(parent, child_name, new_module, child)
+        else:
+            setattr(parent, child_name, new_module)
+
     # ------------------------------------------------------------------------------- loading
     @classmethod
     def _remap_adapter_state_dict_for_load(  # type: ignore[override]  # PEFT passes an ABMLLConfig (see above)
@@ -233,9 +245,16 @@ class ABMLLModel(BaseTuner):
         that minimises ``outputs.loss`` optimises the Bayesian objective. Called without labels, the term is
         attached as ``outputs.abmll_regularizer`` for loss functions that work from the logits
         (`peft_abmll.variational_loss`). Off inside `objective_owned` (a meta-learning loop adds its own terms),
-        in eval mode and at weight 0. The terms are kept for logging (`pop_loss_logs`).
+        in eval mode and at weight 0. The terms are kept for logging (`pop_loss_logs`). A forward with fused
+        log-probabilities (TRL's ``fused_lm_head=True``) is left alone: its caller never reads ``outputs.loss``
+        (a warning says to pass ``compute_loss_func=peft_abmll.variational_loss``).
         """
-        if not module.training or self._objective_owners or not hasattr(output, "logits"):
+        if not module.training or self._objective_owners:
+            return output
+        if kwargs.get("fused_lm_head"):  # TRL's SFTTrainer: its loss comes from `log_probs`, never `outputs.loss`
+            self._warn_loss_not_used()
+            return output
+        if not hasattr(output, "logits"):
             return output
         weight = self.abmll_config().training_loss_weight
         layers = list(self.abmll_layers_with_adapter())  # the one walk over the modules of this forward
@@ -254,6 +273,18 @@ class ABMLLModel(BaseTuner):
         else:
             output.loss = loss + term.to(loss.dtype)
         return output
+
+    def _warn_loss_not_used(self) -> None:
+        """Once per model: a trainer that takes its loss from fused log-probs leaves the variational terms out."""
+        if not torch.is_grad_enabled() or self.__dict__.get("_warned_fused_loss"):
+            return  # without gradients (TRL's metrics pass after `compute_loss_func`) nothing is trained
+        self.__dict__["_warned_fused_loss"] = True
+        warnings.warn(
+            "The trainer computes its loss from the model's fused log-probabilities (TRL's SFTTrainer does) and "
+            "ignores `outputs.loss`, so the ABMLL variational terms (KL / hyperprior) are not trained: the adapter "
+            "becomes a noisy LoRA. Pass `compute_loss_func=peft_abmll.variational_loss` to the trainer.",
+            stacklevel=2,
+        )
 
     def variational_regularizer(
         self, layers: Optional[list[tuple[ABMLLLayer, str]]] = None
