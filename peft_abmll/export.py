@@ -33,6 +33,9 @@ def to_lora_config(config: ABMLLConfig) -> LoraConfig:
         # LoraConfig annotates lora_alpha as int but takes any number; a fractional alpha must stay exact
         lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=config.lora_dropout,
+        rank_pattern=dict(config.rank_pattern),
+        alpha_pattern=dict(config.alpha_pattern),
+        use_rslora=config.use_rslora,
         # LoraConfig annotates these as list | str, yet turns a list into a set itself and accepts one
         target_modules=copy.copy(config.target_modules),  # type: ignore[arg-type]
         exclude_modules=copy.copy(config.exclude_modules),  # type: ignore[arg-type]

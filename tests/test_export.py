@@ -63,6 +63,18 @@ def test_export_lora_reproduces_mean_mode_logits(family: str, posterior: str, tm
     torch.testing.assert_close(_logits(loaded, inputs), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_export_lora_keeps_per_module_ranks_alphas_and_rslora(family: str, tmp_path: Path, inputs: Inputs) -> None:
+    """`rank_pattern` / `alpha_pattern` / `use_rslora` reach the LoRA export, which computes the same update."""
+    first, second = ("q_proj", "o_proj") if family == "llama" else ("c_attn", "c_proj")
+    patterns = {"rank_pattern": {first: 4}, "alpha_pattern": {second: 5.0}, "use_rslora": True}
+    model = _abmll(family, **patterns)
+    expected = _logits(model, inputs)
+    config = export_lora(model, tmp_path)
+    assert (config.rank_pattern, config.alpha_pattern, config.use_rslora) == ({first: 4}, {second: 5.0}, True)
+    torch.testing.assert_close(_logits(_load_lora(family, tmp_path), inputs), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_export_lora_uses_the_lora_layout_for_conv1d(tmp_path: Path) -> None:
     model = _abmll("gpt2")
     export_lora(model, tmp_path)

@@ -254,6 +254,45 @@ def test_merge_and_unload_keeps_a_trained_classification_head(family: str) -> No
     torch.testing.assert_close(_logits(merged, inputs), mean_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_rank_and_alpha_patterns_and_rslora_as_in_lora(inputs: Inputs, tmp_path: Path) -> None:
+    """LoRA's per-module `rank_pattern` / `alpha_pattern` (names or regexes) and `use_rslora`, saved and reloaded."""
+    config = ABMLLConfig(
+        r=8,
+        lora_alpha=16,
+        rank_pattern={"o_proj": 2, r"layers\.1\.self_attn\.q_proj": 4},
+        alpha_pattern={"v_proj": 4.0},
+        use_rslora=True,
+        init_weights=False,
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), config).eval()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, ABMLLLayer)}
+    expected = {  # module -> (rank, alpha)
+        "layers.0.self_attn.q_proj": (8, 16.0),
+        "layers.1.self_attn.q_proj": (4, 16.0),
+        "layers.0.self_attn.v_proj": (8, 4.0),
+        "layers.1.self_attn.o_proj": (2, 16.0),
+    }
+    for suffix, (rank, alpha) in expected.items():
+        layer = next(m for name, m in layers.items() if name.endswith(suffix))
+        assert layer.r["default"] == rank and layer.abmll_global_mean_A["default"].shape[0] == rank, suffix
+        assert layer.abmll_global_scale_B["default"].shape[1] == rank, suffix
+        assert layer.scaling["default"] == pytest.approx(alpha / rank**0.5), suffix  # rsLoRA: alpha / sqrt(r)
+    logits = _logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert torch.equal(_logits(reloaded, inputs), logits)
+    torch.testing.assert_close(_logits(reloaded.merge_and_unload(), inputs), logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("rank_pattern", {"o_proj": 0}), ("rank_pattern", {"o_proj": 2.5}), ("alpha_pattern", [4])]
+)
+def test_bad_patterns_are_refused_with_the_fix(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"invalid {field}=.*use a dict of module name"):
+        ABMLLConfig(**{field: value})
+
+
 # ----------------------------------------------------------------------------------------- registration
 TABLES = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils.other import get_pattern_key
 
 from ..bayes import SCALE_TYPES
 from ..peft_type import ABMLLPeftType
@@ -73,6 +75,24 @@ class ABMLLConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Name of the `nn.ModuleList` holding the blocks (e.g. 'layers' or 'h'), for `layers_to_transform`."
+        },
+    )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Ranks that override `r` for some modules, as in LoRA: keys are module names or regexes matched "
+            "against the end of the module's full name, e.g. {'o_proj': 4, 'layers\\.0\\..*q_proj': 16}."
+        },
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "`lora_alpha` values that override the default for some modules (keys as `rank_pattern`)."},
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={
+            "help": "Rank-stabilised scaling `lora_alpha / sqrt(r)` instead of `lora_alpha / r`, as LoRA's "
+            "`use_rslora` (keeps the update's size steady as the rank grows)."
         },
     )
     modules_to_save: Optional[list[str]] = field(
@@ -251,8 +271,19 @@ class ABMLLConfig(PeftConfig):
 
     @property
     def scaling(self) -> float:
-        """The LoRA scaling ``s = lora_alpha / r``."""
-        return self.lora_alpha / self.r
+        """The LoRA scaling ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with `use_rslora`)."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def for_module(self, key: str) -> ABMLLConfig:
+        """This config with `r` and `lora_alpha` of the module named `key` (`rank_pattern` / `alpha_pattern`)."""
+        r_key = get_pattern_key(self.rank_pattern.keys(), key)
+        alpha_key = get_pattern_key(self.alpha_pattern.keys(), key)
+        r, alpha = self.rank_pattern.get(r_key, self.r), self.alpha_pattern.get(alpha_key, self.lora_alpha)
+        if (r, alpha) == (self.r, self.lora_alpha):
+            return self
+        module_config = copy.copy(self)
+        module_config.r, module_config.lora_alpha = r, alpha
+        return module_config
 
     @property
     def training_loss_weight(self) -> float:
@@ -318,7 +349,21 @@ class ABMLLConfig(PeftConfig):
             "an integer >= 1",
         )
         _require(_integer(self.sample_seed), "sample_seed", self.sample_seed, "an integer seed, e.g. 0")
-        for name in ("init_weights", "fan_in_fan_out", "inference_mode"):
+        _require(
+            isinstance(self.rank_pattern, dict)
+            and all(isinstance(k, str) and _integer(v) and v > 0 for k, v in self.rank_pattern.items()),
+            "rank_pattern",
+            self.rank_pattern,
+            "a dict of module name (or regex) -> positive integer rank, e.g. {'o_proj': 4}",
+        )
+        _require(
+            isinstance(self.alpha_pattern, dict)
+            and all(isinstance(k, str) and _finite(v) and v > 0 for k, v in self.alpha_pattern.items()),
+            "alpha_pattern",
+            self.alpha_pattern,
+            "a dict of module name (or regex) -> positive lora_alpha, e.g. {'o_proj': 8}",
+        )
+        for name in ("init_weights", "fan_in_fan_out", "inference_mode", "use_rslora"):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)

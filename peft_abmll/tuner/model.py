@@ -139,6 +139,7 @@ class ABMLLModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        peft_config = peft_config.for_module(current_key)  # this module's rank and alpha (rank / alpha_pattern)
         if isinstance(target, Linear):
             target.update_layer(adapter_name, peft_config)
             return
