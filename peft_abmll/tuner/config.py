@@ -276,8 +276,8 @@ class ABMLLConfig(PeftConfig):
 
     def for_module(self, key: str) -> ABMLLConfig:
         """This config with `r` and `lora_alpha` of the module named `key` (`rank_pattern` / `alpha_pattern`)."""
-        r_key = get_pattern_key(self.rank_pattern.keys(), key)
-        alpha_key = get_pattern_key(self.alpha_pattern.keys(), key)
+        r_key = get_pattern_key(list(self.rank_pattern), key)
+        alpha_key = get_pattern_key(list(self.alpha_pattern), key)
         r, alpha = self.rank_pattern.get(r_key, self.r), self.alpha_pattern.get(alpha_key, self.lora_alpha)
         if (r, alpha) == (self.r, self.lora_alpha):
             return self
