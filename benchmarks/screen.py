@@ -173,7 +173,11 @@ def _ci(stat: dict, signed: bool = False) -> str:
 
 
 def choose_split(
-    results: list[dict[str, Any]], answer_format: str, seed: int = 0, max_per_family: int | None = 2
+    results: list[dict[str, Any]],
+    answer_format: str,
+    seed: int = 0,
+    max_per_family: int | None = 2,
+    meta_train_failing: bool = False,
 ) -> dict[str, Any]:
     """Meta-train / validation / untouched lists from the tasks that pass the screen in `answer_format`.
 
@@ -181,7 +185,9 @@ def choose_split(
     independent checks), then one half of the rest to ``validation`` (rounded up) and the other to
     ``meta_train``. A family (the part of a name before ``/``, e.g. the many ``multiemo/...`` subtasks) keeps at
     most `max_per_family` tasks in validation and meta-train together; its others join ``untouched``, so one
-    family cannot dominate what is trained or tuned on. Tasks that do not pass are listed as ``failing``.
+    family cannot dominate what is trained or tuned on. Tasks that do not pass are listed as ``failing``; with
+    `meta_train_failing` they are meta-trained on too (more tasks to learn the shared posterior from; the
+    family cap applies to them as well, and a family's surplus stays unused).
     """
     screened = [r for r in results if r["format"] == answer_format and "skipped" not in r]
     passing = sorted(r["task"] for r in screened if r["passes"])
@@ -196,14 +202,22 @@ def choose_split(
         used[name] = used.get(name, 0) + 1
         rest.append(task)
     n_validation = (len(rest) + 1) // 2
+    failing = sorted(r["task"] for r in screened if not r["passes"])
+    extra = []
+    for task in failing if meta_train_failing else []:
+        name = family(task)
+        if max_per_family is None or used.get(name, 0) < max_per_family:
+            used[name] = used.get(name, 0) + 1
+            extra.append(task)
     return {
         "format": answer_format,
-        "meta_train": sorted(rest[n_validation:]),
+        "meta_train": sorted(rest[n_validation:] + extra),
         "validation": sorted(rest[:n_validation]),
         "untouched": sorted(untouched),
-        "failing": sorted(r["task"] for r in screened if not r["passes"]),
-        "rule": "passing tasks in a seeded order: half untouched, then half validation, the rest meta-train; "
-        f"at most {max_per_family} of a family outside untouched",
+        "failing": failing,
+        "rule": "passing tasks in a seeded order: half untouched, then half validation, the rest meta-train"
+        + ("; failing tasks meta-train too" if meta_train_failing else "")
+        + f"; at most {max_per_family} of a family outside untouched",
         "seed": seed,
     }
 
@@ -233,6 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split-format", default="option", choices=["letter", "option"])
     parser.add_argument("--max-per-family", type=int, default=2, help="Tasks of one family outside untouched.")
     parser.add_argument(
+        "--meta-train-failing",
+        action="store_true",
+        help="Meta-train on the tasks that fail the screen too (never validated on or kept untouched).",
+    )
+    parser.add_argument(
         "--screen-per-family",
         type=int,
         default=3,
@@ -245,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table(results))
         return
     if args.choose_split:
-        split = choose_split(results, args.split_format, args.seed, args.max_per_family)
+        split = choose_split(results, args.split_format, args.seed, args.max_per_family, args.meta_train_failing)
         Path(args.choose_split).write_text(json.dumps(split, indent=1) + "\n")
         print(json.dumps(split, indent=1))
         return

@@ -191,6 +191,12 @@ def test_choose_split_keeps_half_the_passing_tasks_untouched() -> None:
     tuned = capped["validation"] + capped["meta_train"]
     assert sum(t.startswith("multiemo/") for t in tuned) <= 2 and len(capped["untouched"]) >= 6
     assert sorted(tuned + capped["untouched"]) == sorted(r["task"] for r in family)
+    wider = screen.choose_split(results, "option", seed=0, meta_train_failing=True)
+    assert set(wider["meta_train"]) == set(split["meta_train"]) | set(split["failing"])  # failing tasks train too
+    assert (wider["validation"], wider["untouched"]) == (split["validation"], split["untouched"])
+    failing_family = family + [{"task": f"multiemo/f{i}", "format": "option", "passes": False} for i in range(3)]
+    capped_wider = screen.choose_split(failing_family, "option", seed=0, max_per_family=2, meta_train_failing=True)
+    assert sum(t.startswith("multiemo/") for t in capped_wider["validation"] + capped_wider["meta_train"]) <= 2
 
 
 def test_the_screen_samples_at_most_a_few_tasks_of_a_family() -> None:
