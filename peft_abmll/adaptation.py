@@ -22,7 +22,7 @@ from peft import PeftModel
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from .algorithms import DEFAULT_INNER_LR, SnapshotView, abmll_tuner, inner_loop, make_view
+from .algorithms import DEFAULT_INNER_LR, SnapshotView, abmll_tuner, inner_loop, make_view, require_causal_lm
 from .data import (
     ANSWER_FORMATS,
     LetterCollisionError,
@@ -89,6 +89,7 @@ def adapt(
     Returns:
         One log dict per step (``nll``, ``loss``, ``kl``).
     """
+    require_causal_lm(model, "adapt")
     if support is None or (hasattr(support, "__len__") and len(support) == 0):
         raise ValueError(f"Cannot adapt to task {task!r}: no support examples given.")
     support = as_examples(support, f"support examples of task {task!r}")
@@ -167,6 +168,7 @@ def predict_proba(
     Returns:
         ``(len(examples), max choices)`` float32; invalid options are 0; rows sum to 1.
     """
+    require_causal_lm(model, "predict_proba")
     enc = encoder_for(tokenizer, encoder)
     examples = as_examples(examples, "predict_proba examples")
     shots = as_examples(shots, "in-context examples") if num_shots > 0 and _non_empty(shots) else []

@@ -109,6 +109,36 @@ def abmll_tuner(model: nn.Module) -> Optional[ABMLLModel]:
     return base if isinstance(base, ABMLLModel) else None
 
 
+_NOT_CAUSAL_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM")
+
+
+def require_causal_lm(model: nn.Module, verb: str) -> None:
+    """Raise a ValueError naming the fix unless `model` (or the base inside a PeftModel) is a decoder-only LM.
+
+    The task verbs (`MetaTrainer`, `adapt`, `predict_proba`, `evaluate_tasks`) train on the answer's tokens and
+    score options by next-token probabilities, which needs a causal language-model head. Modules that are not
+    transformers models (no ``config``) are let through.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config, name = getattr(base, "config", None), type(base).__name__
+    if config is None:
+        return
+    reason = None
+    if getattr(config, "is_encoder_decoder", False):
+        reason = "an encoder-decoder model"
+    elif name.endswith(_NOT_CAUSAL_HEADS):
+        reason = "a model with a task head instead of a causal language-model head"
+    elif hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is None:
+        reason = "a model without a language-model head"
+    if reason is not None:
+        raise ValueError(
+            f"{verb} needs a decoder-only causal language model (e.g. LlamaForCausalLM, GPT2LMHeadModel, loaded "
+            f"with AutoModelForCausalLM): it trains on the answer's tokens and scores options by next-token "
+            f"probabilities. Got {name}, {reason}. For classification or sequence-to-sequence models, train the "
+            "ABMLL adapter with a plain transformers Trainer (the model's loss includes the variational terms)."
+        )
+
+
 class ABMLLView:
     """Global / local pairs of an ABMLL adapter.
 

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from .adaptation import adapt, adaptation_learning_rate, adaptation_scope, encoder_for, predict_proba
-from .algorithms import abmll_tuner
+from .algorithms import abmll_tuner, require_causal_lm
 from .data import TaskData, TaskEncoder, prepare_tasks, seeded_torch_rng
 from .metrics import classification_metrics, plot_reliability_diagram
 
@@ -110,6 +110,7 @@ def evaluate_tasks(
     a single-process run), and only the main process writes files. Under FSDP, where every forward pass
     gathers sharded weights from all processes, every process evaluates every task instead.
     """
+    require_causal_lm(model, "evaluate_tasks")
     protocol = _with_settings(protocol or EvaluationProtocol(), settings)
     if protocol.lr is None:
         protocol = dataclasses.replace(protocol, lr=adaptation_learning_rate(model))

@@ -668,3 +668,38 @@ def test_config_and_task_files_are_data_only(tmp_path: Path) -> None:
         bigbench.load_bigbench_tasks(["../../../escape"], archive=tmp_path / "missing.tar.gz")
     with pytest.raises(ValueError, match="Unsafe path component"):
         files.safe_join(tmp_path, "../escape")
+
+
+# ----------------------------------------------------------------------------------------- not a causal LM
+def _not_causal(kind: str, vocab: int) -> torch.nn.Module:
+    import transformers
+
+    small = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64, vocab_size=vocab)
+    if kind == "seq2seq":
+        config = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=vocab)
+        return transformers.T5ForConditionalGeneration(config)
+    if kind == "classifier":
+        return transformers.BertForSequenceClassification(transformers.BertConfig(**small))
+    return transformers.LlamaModel(transformers.LlamaConfig(**small))  # no language-model head
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "classifier", "headless"])
+@pytest.mark.parametrize("verb", ["MetaTrainer", "adapt", "predict_proba", "evaluate_tasks"])
+def test_task_verbs_refuse_a_model_that_is_not_a_causal_lm_and_say_what_to_use(kind, verb, tmp_path):
+    """T5, a BERT classifier and a bare LlamaModel are named with the reason, before any data is touched."""
+    tok = tiny_tokenizer()
+    model = get_peft_model(_not_causal(kind, len(tok)), ABMLLConfig(target_modules=["q", "query", "q_proj"]))
+    rows = task_family(num_tasks=2, per_task=8, seed=0)
+    calls = {
+        "MetaTrainer": lambda: MetaTrainer(
+            model=model, args=MetaTrainingArguments(output_dir=str(tmp_path), report_to=[]), processing_class=tok
+        ),
+        "adapt": lambda: peft_abmll.adapt(model, rows, tokenizer=tok),
+        "predict_proba": lambda: peft_abmll.predict_proba(model, rows, tokenizer=tok),
+        "evaluate_tasks": lambda: peft_abmll.evaluate_tasks(model, rows, tokenizer=tok),
+    }
+    reason = {"seq2seq": "encoder-decoder", "classifier": "task head", "headless": "without a language-model head"}
+    with pytest.raises(ValueError, match=f"{verb} needs a decoder-only causal language model.*{reason[kind]}"):
+        calls[verb]()
+    causal = get_peft_model(tiny_lm(tok), ABMLLConfig())
+    assert peft_abmll.predict_proba(causal, rows.select(range(2)), tokenizer=tok).shape == (2, 3)  # the control

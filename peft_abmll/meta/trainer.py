@@ -29,7 +29,15 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import logging
 
-from ..algorithms import ABMLLView, NonFiniteLossError, ReptileView, inner_loop, linear_surrogate, query_gradients
+from ..algorithms import (
+    ABMLLView,
+    NonFiniteLossError,
+    ReptileView,
+    inner_loop,
+    linear_surrogate,
+    query_gradients,
+    require_causal_lm,
+)
 from ..data import EpisodeDataset, EpisodeSampler, prepare_tasks, seeded_torch_rng, unwrap_episode
 from ..evaluation import evaluate_tasks, record_evaluation
 from ..hub import write_model_card
@@ -82,6 +90,7 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
             raise TypeError("MetaTrainer needs MetaTrainingArguments (a TrainingArguments subclass) as `args`.")
         if processing_class is None:
             raise ValueError("MetaTrainer needs the tokenizer as `processing_class=` to encode the tasks.")
+        require_causal_lm(model, "MetaTrainer")
         self.encoder = args.task_encoder(processing_class)
         episodes = None
         if train_dataset is not None:
