@@ -119,7 +119,8 @@ def require_causal_lm(model: nn.Module, verb: str) -> None:
     score options by next-token probabilities, which needs a causal language-model head. Modules that are not
     transformers models (no ``config``) are let through.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base = getattr(model, "get_base_model", None)
+    base: nn.Module = get_base() if callable(get_base) else model
     config, name = getattr(base, "config", None), type(base).__name__
     if config is None:
         return
@@ -128,7 +129,7 @@ def require_causal_lm(model: nn.Module, verb: str) -> None:
         reason = "an encoder-decoder model"
     elif name.endswith(_NOT_CAUSAL_HEADS):
         reason = "a model with a task head instead of a causal language-model head"
-    elif hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is None:
+    elif callable(head := getattr(base, "get_output_embeddings", None)) and head() is None:
         reason = "a model without a language-model head"
     if reason is not None:
         raise ValueError(
