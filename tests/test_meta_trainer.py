@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gc
 
+import numpy as np
 import pytest
 import torch
 from _tasks import task_family, tiny_lm
 from peft import get_peft_model
+from transformers import TrainerCallback
 
 import peft_abmll
 from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, TaskEncoder
@@ -224,6 +226,32 @@ def test_evaluate_writes_json_and_reliability_png(tok, family, held_out, tmp_pat
     assert (out / "eval_step0_reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for g, loc in zip(trainer.view.global_params(), trainer.view.local_params()):
         assert torch.equal(g, loc)  # evaluation undid its adaptations
+
+
+def test_predict_returns_probabilities_labels_and_test_metrics_like_trainer_predict(tok, family, held_out, tmp_path):
+    """`Trainer.predict` on held-out tasks: the query probabilities, their labels and ``test_*`` metrics that
+    match `evaluate` on the same tasks (same seeded support draws)."""
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+    trainer = MetaTrainer(
+        model=model, args=_args(tmp_path, eval_max_query=4), train_dataset=family, processing_class=tok
+    )
+    seen = []
+
+    class OnPredict(TrainerCallback):
+        def on_predict(self, args, state, control, metrics, **kwargs):
+            seen.append(metrics)
+
+    trainer.add_callback(OnPredict())
+    output = trainer.predict(held_out)
+    n_tasks = len(set(held_out["task"]))
+    assert output.predictions.shape == (4 * n_tasks, trainer.args.max_choices)  # padded to max_choices
+    assert output.label_ids.shape == (4 * n_tasks,) and not output.predictions[:, 3:].any()  # 3 options each
+    np.testing.assert_allclose(output.predictions.sum(axis=1), 1.0, rtol=1e-5)
+    pooled = float((output.predictions.argmax(1) == output.label_ids).mean())
+    assert output.metrics["test_pooled_accuracy"] == pytest.approx(pooled)
+    evaluated = trainer.evaluate(held_out)
+    assert output.metrics["test_nll"] == pytest.approx(evaluated["eval_nll"])
+    assert seen == [output.metrics]
 
 
 def test_adapter_remembers_its_adaptation_rate(tok, family, tmp_path):

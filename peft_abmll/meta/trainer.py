@@ -27,6 +27,7 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import PredictionOutput
 from transformers.utils import logging
 
 from ..algorithms import (
@@ -397,6 +398,31 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
         tasks = self.eval_dataset if eval_dataset is None else eval_dataset
         if tasks is None:
             raise ValueError("MetaTrainer.evaluate needs held-out tasks (eval_dataset).")
+        metrics = self._held_out_metrics(tasks, metric_key_prefix)[1]
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def predict(
+        self, test_dataset: Any, ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
+        """`evaluate` on `test_dataset`, with the per-example probabilities, as `Trainer.predict` returns them.
+
+        Returns:
+            ``PredictionOutput``: ``predictions`` ``(n_query, max_choices)`` float32 probabilities of the query
+            examples (tasks in name order; options a row lacks are 0), ``label_ids`` ``(n_query,)`` and the
+            ``{prefix}_*`` metrics.
+        """
+        results, metrics = self._held_out_metrics(test_dataset, metric_key_prefix)
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics)
+        return PredictionOutput(
+            predictions=np.asarray(results["probs"], dtype=np.float32),
+            label_ids=np.asarray(results["labels"], dtype=np.int64),
+            metrics=metrics,
+        )
+
+    def _held_out_metrics(self, tasks: Any, prefix: str) -> tuple[dict[str, Any], dict[str, float]]:
+        """`evaluate_tasks` on `tasks` from the global posterior; its results and the ``{prefix}_*`` metrics."""
         if not isinstance(tasks, TaskCollection):
             tasks = TaskCollection(prepare_tasks(tasks, self.args.max_choices))
         model = self.accelerator.unwrap_model(self.model)
@@ -406,18 +432,16 @@ class MetaTrainer(CheckpointSafetyMixin, Trainer):
             tasks.tasks,
             encoder=self.encoder,
             output_dir=self.args.output_dir if self.is_world_process_zero() else None,
-            name=f"{metric_key_prefix}_step{self.state.global_step}",
+            name=f"{prefix}_step{self.state.global_step}",
             accelerator=self.accelerator,
             protocol=self.args.evaluation_protocol(),
             progress=not self.args.disable_tqdm,
         )
         self.view.reset()
         record_evaluation(model, results)
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in results["macro"].items()}
-        metrics.update({f"{metric_key_prefix}_pooled_{k}": v for k, v in results["pooled"].items()})
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+        metrics = {f"{prefix}_{k}": v for k, v in results["macro"].items()}
+        metrics.update({f"{prefix}_pooled_{k}": v for k, v in results["pooled"].items()})
+        return results, metrics
 
 
 def _data_seed(args: MetaTrainingArguments) -> int:
