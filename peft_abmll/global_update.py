@@ -32,8 +32,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import bayes
-from .fused import ScaleSpec, _block_moments, _blocks, _Moments, _prescaled
+from .fused import (
+    ScaleSpec,
+    _block_moments,
+    _blocks,
+    _difference_factors,
+    _mean_difference,
+    _Moments,
+    _prescaled,
+)
 
 __all__ = ["GlobalUpdateStats", "HyperPrior", "abmll_direction", "reptile_direction"]
 
@@ -103,21 +110,29 @@ def abmll_direction(
     scale_A, scale_B = g[2], g[3]
     grad_scale_A = torch.zeros_like(scale_A)
     grad_scale_B = torch.zeros_like(scale_B)
+    difference = _difference_factors(q_scaled, g_scaled)
+    gain = 1.0 + 2.0 * prior.weight * (prior.a0 - 1.0)
     for rows in _blocks(scale_B.shape[0], scale_A.shape[1]):
-        mp, mq = _block_moments(g_scaled, rows, spec), _block_moments(q_scaled, rows, spec)
-        diff = mq["mean"] - mp["mean"]
-        direction_var = bayes.global_variance_direction(
-            mp["var"], mq["var"], diff, prior_weight=prior.weight, a0=prior.a0, b0=prior.b0
-        )
+        mp, mq = _block_moments(g_scaled, rows, spec, mean=False), _block_moments(q_scaled, rows, spec, mean=False)
+        diff = _mean_difference(difference, rows)
+        target = torch.addcmul(mq["var"], diff, diff)  # var_q + diff**2: the variance the KL pulls var_p toward
+        # = bayes.global_variance_direction(var_p, var_q, diff, ...), from the shared `target`
+        direction_var = torch.add(target, 2.0 * prior.weight * prior.b0).sub_(mp["var"], alpha=gain).neg_()
         sigma = mp["sigma"]
-        limit = max_relative_step * sigma.abs()
-        per_sigma = torch.nan_to_num(direction_var / (2 * sigma), nan=0.0)  # a linear sigma may be exactly 0
-        direction_sigma = torch.maximum(torch.minimum(per_sigma, limit), -limit)
-        raw_per_sigma = spec.scaling if mp["dsigma"] is None else mp["dsigma"].clamp_min(1e-12)
-        direction_raw = direction_sigma / raw_per_sigma
+        limit = sigma.abs().mul_(max_relative_step)
+        per_sigma = direction_var.div_(sigma).mul_(0.5).nan_to_num_(nan=0.0)  # a linear sigma may be exactly 0
+        direction_sigma = torch.minimum(per_sigma, limit, out=per_sigma)
+        direction_sigma = torch.maximum(direction_sigma, limit.neg_(), out=direction_sigma)
+        if mp["dsigma"] is None:
+            direction_raw = direction_sigma.div_(spec.scaling)
+        else:
+            direction_raw = direction_sigma.div_(mp["dsigma"].clamp_min_(1e-12))
         grad_scale_B[rows] = direction_raw @ scale_A.T
         grad_scale_A.addmm_(scale_B[rows].T, direction_raw)
-        _add_stats(stats, mp, mq, diff, prior)
+        _add_stats(stats, mp, mq, diff, target, prior)
+    mean_sq = float(((g_scaled[1].T @ g_scaled[1]) * (g_scaled[0] @ g_scaled[0].T)).sum())  # ||B A||_F^2, low rank
+    stats["global_mean_sq"] = mean_sq
+    stats["neg_log_prior"] += mean_sq / (2 * prior.mean_std**2)
     directions = [
         g[0] - q[0],
         g[1] - q[1] + (prior.weight * stats["global_var"] / max(stats["entries"], 1) / prior.mean_std**2) * g[1],
@@ -132,36 +147,41 @@ def _at_least_float32(factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ..
     return tuple(t.detach().to(torch.promote_types(t.dtype, torch.float32)) for t in factors)
 
 
-def _add_stats(stats: GlobalUpdateStats, mp: _Moments, mq: _Moments, diff: torch.Tensor, prior: HyperPrior) -> None:
-    """Accumulate the per-entry sums of one block (KL, -log hyperprior, variances, spread).
+def _add_stats(
+    stats: GlobalUpdateStats,
+    mp: _Moments,
+    mq: _Moments,
+    diff: torch.Tensor,
+    target: torch.Tensor,
+    prior: HyperPrior,
+) -> None:
+    """Accumulate the per-entry sums of one block (KL, -log hyperprior without the mean's term, variances, spread).
 
     Every sum is assembled from a few shared dense sums (``sum var_p``, ``sum log var_p``, ``sum 1 / var_p``,
-    ``sum (var_q + diff**2) / var_p`` ...) instead of one dense expression per statistic: the same numbers as
-    the element-wise formulas of `peft_abmll.bayes` (tested), in about half the passes over the block.
+    ``sum target / var_p`` with ``target = var_q + diff**2`` ...) instead of one dense expression per statistic:
+    the same numbers as the element-wise formulas of `peft_abmll.bayes` (tested), in fewer passes over the block.
+    The hyperprior's ``sum mean**2 / (2 mean_std**2)`` is added once per layer from the low-rank factors.
     """
     var_p, var_q, n = mp["var"], mq["var"], diff.numel()
-    target = torch.addcmul(var_q, diff, diff)  # var_q + diff**2: the variance the KL pulls var_p toward
     inv_p = var_p.reciprocal()
     sum_log_var_p = float(var_p.log().sum())
-    sum_inv_p = float(inv_p.sum())
-    mean_sq = float(torch.dot(mp["mean"].reshape(-1), mp["mean"].reshape(-1)))
     spread = float(torch.dot(diff.reshape(-1), diff.reshape(-1)))
+    sum_var_q = float(var_q.sum())
     # 2 KL = sum (var_q + diff**2) / var_p - sum log var_q + sum log var_p - n
     kl = 0.5 * (float(torch.dot(target.reshape(-1), inv_p.reshape(-1))) - float(var_q.log().sum()) + sum_log_var_p - n)
-    # log N(mean; 0, s**2) + log Gamma(1 / var; a0, b0), summed
-    log_normal = -0.5 * n * math.log(2 * math.pi * prior.mean_std**2) - mean_sq / (2 * prior.mean_std**2)
-    log_gamma = n * (prior.a0 * math.log(prior.b0) - math.lgamma(prior.a0))
-    log_gamma -= (prior.a0 - 1.0) * sum_log_var_p + prior.b0 * sum_inv_p
+    # -(log N(mean; 0, s**2) + log Gamma(1 / var; a0, b0)) summed, but for the mean**2 term
+    neg_log_prior = 0.5 * n * math.log(2 * math.pi * prior.mean_std**2)
+    neg_log_prior -= n * (prior.a0 * math.log(prior.b0) - math.lgamma(prior.a0))
+    neg_log_prior += (prior.a0 - 1.0) * sum_log_var_p + prior.b0 * float(inv_p.sum())
     stats["entries"] += float(n)
     stats["kl"] += kl
-    stats["neg_log_prior"] -= log_normal + log_gamma
+    stats["neg_log_prior"] += neg_log_prior
     stats["global_var"] += float(var_p.sum())
-    stats["target_var"] += float(var_q.sum()) + spread
+    stats["target_var"] += sum_var_q + spread
     stats["spread"] += spread
-    stats["global_mean_sq"] += mean_sq
     # the two parts of the variance step (variance units): the KL's pull and the hyperprior's
-    stats["var_step_kl"] += float(torch.sub(var_p, target).abs_().sum())
-    step_prior = torch.mul(var_p, prior.a0 - 1.0).sub_(prior.b0).abs_().sum()
+    stats["var_step_kl"] += float(inv_p.copy_(var_p).sub_(target).abs_().sum())  # inv_p's memory is free now
+    step_prior = var_p.mul(prior.a0 - 1.0).sub_(prior.b0).abs_().sum()
     stats["var_step_prior"] += float(2 * abs(prior.weight) * step_prior)
 
 

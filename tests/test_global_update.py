@@ -161,6 +161,42 @@ def test_variance_step_has_a_trust_region():
     assert (after > 1.5 * before).all() and (after < 2.5 * before).all()
 
 
+def _reference_direction(global_, local, spec, prior, max_relative_step=1.0, damping=1e-3):
+    """`abmll_direction` written plainly on dense moments with `bayes.global_variance_direction`."""
+    from peft_abmll.global_update import _solve_left, _solve_right
+
+    dense = [_block_moments(_prescaled(tuple(f), spec), slice(None), spec) for f in (global_, local)]
+    mp, mq = dense
+    diff = mq["mean"] - mp["mean"]
+    direction_var = global_variance_direction(
+        mp["var"], mq["var"], diff, prior_weight=prior.weight, a0=prior.a0, b0=prior.b0
+    )
+    sigma = mp["sigma"]
+    per_sigma = torch.nan_to_num(direction_var / (2 * sigma), nan=0.0)
+    limit = max_relative_step * sigma.abs()
+    per_sigma = torch.maximum(torch.minimum(per_sigma, limit), -limit)
+    raw = per_sigma / (spec.scaling if mp["dsigma"] is None else mp["dsigma"].clamp_min(1e-12))
+    shrink = prior.weight * mp["var"].mean() / prior.mean_std**2
+    return [
+        global_[0] - local[0],
+        global_[1] - local[1] + shrink * global_[1],
+        0.5 * _solve_left(global_[3], global_[3].T @ raw, damping),
+        0.5 * _solve_right(global_[2], raw @ global_[2].T, damping),
+    ]
+
+
+@pytest.mark.parametrize("scale_type", ["softplus", "linear"])
+def test_direction_matches_the_plain_dense_reference(scale_type, monkeypatch):
+    """The row-blocked, in-place direction (shared ``var_q + diff**2``, one rank-2r matmul for the mean
+    difference) equals the plain formula of `bayes.global_variance_direction` on dense moments."""
+    monkeypatch.setattr(peft_abmll.fused, "BLOCK_ENTRIES", 12)
+    spec = ScaleSpec(scale_type, 2.0, 1e-4, rho0=-3.0)
+    global_, local = _factors(7, 5, 3, 1e-2, 0, spec), _factors(7, 5, 3, 3e-2, 1, spec)
+    got = abmll_direction(global_, local, spec, PRIOR)[0]
+    for g, e in zip(got, _reference_direction(global_, local, spec, PRIOR)):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-15)
+
+
 @pytest.mark.parametrize("scale_type", ["softplus", "linear"])
 def test_update_statistics_match_the_reference_densities(scale_type, monkeypatch):
     """The logged sums (KL, -log hyperprior, variances, spread, the two variance-step parts), assembled from
