@@ -2,6 +2,7 @@
 
     python benchmarks/dropin.py                                  # movie_recommendation, 3 seeds (resumes)
     python benchmarks/dropin.py --task snarks --epochs 5 --seeds 0 --samples 1 8
+    python benchmarks/dropin.py --set init_std=0.01                # an ABMLL variant; LoRA records are reused
 
 One BIG-bench multiple-choice task, answers in the option format (the option's text, scored by its mean token
 log-likelihood). Per seed, the task's examples are split once into ``--train`` training examples and ``--eval``
@@ -82,20 +83,38 @@ def fine_tune(model: Any, rows: list, encoder: TaskEncoder, seed: int, args: arg
     return time.perf_counter() - start
 
 
-def run_seed(seed: int, rows: list, model_fn: Any, tokenizer: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """LoRA and ABMLL fine-tuned on the same examples; one record per prediction mode."""
+def abmll_name(settings: dict[str, Any]) -> str:
+    """``abmll`` or ``abmll[init_std=0.01]``: the configuration's name in the records."""
+    return "abmll" + (f"[{','.join(f'{k}={v}' for k, v in settings.items())}]" if settings else "")
+
+
+def record_names(args: argparse.Namespace) -> list[str]:
+    """The records one seed produces: LoRA, then ABMLL once per prediction mode S."""
+    return ["lora", *(f"{abmll_name(args.settings)}-S{s}" for s in args.samples)]
+
+
+def run_seed(
+    seed: int, rows: list, model_fn: Any, tokenizer: Any, args: argparse.Namespace, done: frozenset = frozenset()
+) -> list[dict[str, Any]]:
+    """LoRA and ABMLL fine-tuned on the same examples; one record per prediction mode (those in `done` are skipped)."""
     train, held_out = split(rows, args.train, args.eval, seed)
     encoder = TaskEncoder(tokenizer, max_length=args.max_length, answer_format="option")
-    abmll = ABMLLConfig(task_type="CAUSAL_LM", r=args.r, lora_alpha=2 * args.r)
-    configs = {"lora": default_lora_config(abmll), "abmll": abmll}
+    abmll = ABMLLConfig(task_type="CAUSAL_LM", r=args.r, lora_alpha=2 * args.r, **getattr(args, "settings", {}))
+    configs = {"lora": default_lora_config(abmll), abmll_name(getattr(args, "settings", {})): abmll}
     labels = [r["label"] for r in held_out]
     records = []
     for name, config in configs.items():
+        modes = [1] if name == "lora" else args.samples
+        labels_of = {s: name if name == "lora" else f"{name}-S{s}" for s in modes}
+        if all(label in done for label in labels_of.values()):
+            continue
         with seeded_torch_rng(seed, 1):
             model = get_peft_model(model_fn(), config)
         seconds = fine_tune(model, train, encoder, seed, args, Path(args.work_dir) / f"{name}-seed{seed}")
-        for samples in args.samples if name == "abmll" else [1]:
-            label = name if name == "lora" else f"abmll-S{samples}"
+        for samples in modes:
+            label = labels_of[samples]
+            if label in done:
+                continue
             start = time.perf_counter()
             probs = predict_proba(model, held_out, encoder=encoder, num_samples=samples, progress=not args.quiet)
             records.append(
@@ -157,21 +176,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--samples", nargs="+", type=int, default=[1, 8], help="ABMLL prediction modes (S).")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="ABMLLConfig settings of the ABMLL run (e.g. init_std=0.01), named abmll[init_std=0.01] in the records; "
+        "LoRA records of the same seed in --out are reused.",
+    )
     parser.add_argument("--out", default="benchmarks/results/dropin.json")
     parser.add_argument("--work-dir", default="/tmp/abmll-dropin")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     parser.add_argument("--markdown", action="store_true", help="Only print the table of what --out holds.")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import parse_setting  # the --set parser of the quality benchmark
+
+    args.settings = dict(parse_setting(text) for text in args.set)
     out = Path(args.out)
     records = json.loads(out.read_text())["records"] if out.exists() else []
     if not args.markdown:
         model_fn, tokenizer = load_causal_lm(args.model)
         rows = [r for task_rows in prepare_tasks(resolve_tasks([args.task]), 4).values() for r in task_rows]
         for seed in args.seeds:
-            if any(r["seed"] == seed for r in records):
+            done = frozenset(r["name"] for r in records if r["seed"] == seed)
+            if set(record_names(args)) <= done:
                 continue
             print(f"== seed {seed}", file=sys.stderr, flush=True)
-            records += run_seed(seed, rows, model_fn, tokenizer, args)
+            records += run_seed(seed, rows, model_fn, tokenizer, args, done)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"records": records, "settings": vars(args)}, indent=1))
     print(summary(records))

@@ -254,6 +254,11 @@ def test_dropin_benchmark_compares_lora_and_abmll_on_the_same_examples(tok, tmp_
     table = dropin.summary(records + [{**r, "seed": 1} for r in records]).splitlines()
     assert table[2].startswith("| lora | 2 | 24 |") and table[2].endswith("– | – | – | – |")
     assert table[4].startswith("| abmll-S2 | 2 | 24 |") and "–" not in table[4]
+    args.settings, args.samples = {"init_std": 0.01}, [1]  # a variant: LoRA of this seed is done, not retrained
+    variant = dropin.run_seed(0, rows, lambda: tiny_lm(tok), tok, args, done=frozenset({"lora"}))
+    assert [r["name"] for r in variant] == ["abmll[init_std=0.01]-S1"] == dropin.record_names(args)[1:]
+    assert variant[0]["probs"] != records[1]["probs"]  # another configuration, on the same examples
+    assert variant[0]["labels"] == records[0]["labels"]
 
 
 def test_cost_ratios_are_per_round_medians_with_their_spread() -> None:
