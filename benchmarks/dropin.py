@@ -88,15 +88,28 @@ def abmll_name(settings: dict[str, Any]) -> str:
     return "abmll" + (f"[{','.join(f'{k}={v}' for k, v in settings.items())}]" if settings else "")
 
 
+def record_name(config: str, samples: int, scoring: str) -> str:
+    """``lora``, ``abmll-S8``, ``lora|option_sum``: a configuration, its prediction mode and its scoring."""
+    name = config if config == "lora" else f"{config}-S{samples}"
+    return name if scoring == "option" else f"{name}|{scoring}"
+
+
 def record_names(args: argparse.Namespace) -> list[str]:
-    """The records one seed produces: LoRA, then ABMLL once per prediction mode S."""
-    return ["lora", *(f"{abmll_name(args.settings)}-S{s}" for s in args.samples)]
+    """The records one seed produces: per scoring, LoRA, then ABMLL once per prediction mode S."""
+    abmll = abmll_name(getattr(args, "settings", {}))
+    return [
+        record_name(config, s, scoring)
+        for scoring in getattr(args, "scorings", ["option"])
+        for config, modes in (("lora", [1]), (abmll, args.samples))
+        for s in modes
+    ]
 
 
 def run_seed(
     seed: int, rows: list, model_fn: Any, tokenizer: Any, args: argparse.Namespace, done: frozenset = frozenset()
 ) -> list[dict[str, Any]]:
-    """LoRA and ABMLL fine-tuned on the same examples; one record per prediction mode (those in `done` are skipped)."""
+    """LoRA and ABMLL fine-tuned on the same examples; one record per prediction mode and scoring (those in `done`
+    are skipped; a configuration with nothing left to predict is not trained)."""
     train, held_out = split(rows, args.train, args.eval, seed)
     encoder = TaskEncoder(tokenizer, max_length=args.max_length, answer_format="option")
     abmll = ABMLLConfig(task_type="CAUSAL_LM", r=args.r, lora_alpha=2 * args.r, **getattr(args, "settings", {}))
@@ -104,23 +117,27 @@ def run_seed(
     labels = [r["label"] for r in held_out]
     records = []
     for name, config in configs.items():
-        modes = [1] if name == "lora" else args.samples
-        labels_of = {s: name if name == "lora" else f"{name}-S{s}" for s in modes}
-        if all(label in done for label in labels_of.values()):
+        todo = [
+            (s, scoring, record_name(name, s, scoring))
+            for scoring in getattr(args, "scorings", ["option"])
+            for s in ([1] if name == "lora" else args.samples)
+        ]
+        todo = [item for item in todo if item[2] not in done]
+        if not todo:
             continue
         with seeded_torch_rng(seed, 1):
             model = get_peft_model(model_fn(), config)
         seconds = fine_tune(model, train, encoder, seed, args, Path(args.work_dir) / f"{name}-seed{seed}")
-        for samples in modes:
-            label = labels_of[samples]
-            if label in done:
-                continue
+        for samples, scoring, label in todo:
             start = time.perf_counter()
-            probs = predict_proba(model, held_out, encoder=encoder, num_samples=samples, progress=not args.quiet)
+            probs = predict_proba(
+                model, held_out, encoder=encoder, num_samples=samples, scoring=scoring, progress=not args.quiet
+            )
             records.append(
                 {
                     "name": label,
                     "seed": seed,
+                    "scoring": scoring,
                     "probs": [[round(p, 6) for p in row] for row in probs.tolist()],
                     "labels": labels,
                     "train_seconds": seconds,
@@ -140,16 +157,18 @@ def pooled(records: list[dict[str, Any]], name: str) -> tuple[torch.Tensor, torc
 
 
 def summary(records: list[dict[str, Any]], reference: str = "lora") -> str:
-    """Metrics with 95 % intervals, and each configuration minus `reference` on the same examples."""
+    """Metrics with 95 % intervals, and each configuration minus `reference` (same scoring) on the same examples."""
     names = list(dict.fromkeys(r["name"] for r in records))
     header = ["configuration", "seeds", "n", *METRICS, *(f"Δ {k} vs {reference}" for k in METRICS)]
     table = []
-    ref = pooled(records, reference) if reference in names else None
     for name in names:
+        scoring = name.partition("|")[2]
+        ref_name = f"{reference}|{scoring}" if scoring else reference
+        ref = pooled(records, ref_name) if ref_name in names and name != ref_name else None
         probs, labels, groups = pooled(records, name)
         stats = metrics_with_intervals(probs, labels, groups)["pooled"]
         cells = [name, str(len(set(groups))), str(len(labels)), *(_ci(stats[k]) for k in METRICS)]
-        if ref is not None and name != reference and ref[2] == groups:
+        if ref is not None and ref[2] == groups:
             diffs = metrics_with_intervals(probs, labels, groups, other=ref[0])["pooled"]
             cells += [_ci(diffs[k], signed=True) for k in METRICS]
         else:
@@ -176,6 +195,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--samples", nargs="+", type=int, default=[1, 8], help="ABMLL prediction modes (S).")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--scorings",
+        nargs="+",
+        default=["option"],
+        choices=["option", "option_sum"],
+        help="How predictions become option probabilities (predict_proba's scoring); each trained model is scored "
+        "every way. Records of other scorings are named name|scoring.",
+    )
     parser.add_argument(
         "--set",
         nargs="*",

@@ -24,7 +24,6 @@ from transformers.utils.logging import tqdm
 
 from .algorithms import DEFAULT_INNER_LR, SnapshotView, abmll_tuner, inner_loop, make_view, require_causal_lm
 from .data import (
-    ANSWER_FORMATS,
     LetterCollisionError,
     TaskEncoder,
     as_examples,
@@ -34,6 +33,10 @@ from .tuner.model import ABMLLModel
 
 logger = logging.getLogger("peft_abmll")
 Examples = Sequence[Mapping[str, Any]]
+
+
+SCORINGS = ("letter", "option", "option_sum")
+"""`predict_proba` scorings: option letters, options by mean or by summed token log-likelihood."""
 
 
 def encoder_for(tokenizer: Any, encoder: Optional[TaskEncoder]) -> TaskEncoder:
@@ -158,7 +161,10 @@ def predict_proba(
       renormalised over the example's valid options. A tokenizer whose letters share a first token cannot
       be scored this way: option scoring is used instead, with a warning.
     - ``"option"``: each option's own text scored by its mean token log-likelihood given the prompt
-      (length-normalised), softmax over the valid options; one forward per option.
+      (length-normalised), softmax over the valid options; one forward per option. The usual way to rank
+      options with a small model; dividing by the length flattens the probabilities of long options.
+    - ``"option_sum"``: the same with the summed log-likelihood: the model's own probability of each option's
+      text, renormalised over the options (what to read as a calibrated probability).
 
     Probabilities are averaged over `num_samples` seeded posterior samples (default: the adapter's
     ``num_samples``). With one, the adapter's ``predictive_mode`` decides: the posterior mean or one sample.
@@ -179,7 +185,7 @@ def predict_proba(
     chunks = [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
     chunk_shots = [[_shots(shots, num_shots, rng) for _ in chunk] for chunk in chunks]
     inputs: list[Any]  # per chunk: its examples' option inputs (option scoring) or one letter batch
-    if scoring == "option":
+    if scoring != "letter":
         inputs = [[_option_inputs(enc, e, sh) for e, sh in zip(c, s)] for c, s in zip(chunks, chunk_shots)]
     else:
         inputs = [_letter_inputs(enc, c, s, width) for c, s in zip(chunks, chunk_shots)]
@@ -193,9 +199,11 @@ def predict_proba(
             with draw:
                 start = 0
                 for chunk, chunk_inputs in zip(chunks, inputs):
-                    if scoring == "option":
+                    if scoring != "letter":
+                        mean = scoring == "option"
                         for i, (example, option_inputs) in enumerate(zip(chunk, chunk_inputs)):
-                            probs[start + i, : len(example["choices"])] += _option_probs(model, option_inputs, device)
+                            option_probs = _option_probs(model, option_inputs, device, mean)
+                            probs[start + i, : len(example["choices"])] += option_probs
                     else:
                         assert letter_ids is not None  # letter scoring
                         probs[start : start + len(chunk)] += _letter_probs(model, chunk_inputs, letter_ids, device)
@@ -210,9 +218,9 @@ def predict_proba(
 def _scoring(enc: TaskEncoder, scoring: Optional[str], width: int) -> tuple[str, Optional[torch.Tensor]]:
     """The scoring to use and, for letters, their token ids (falling back to options on a collision)."""
     scoring = scoring or enc.answer_format
-    if scoring not in ANSWER_FORMATS:
-        raise ValueError(f"scoring={scoring!r}; choose one of {ANSWER_FORMATS}.")
-    if scoring == "option":
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring={scoring!r}; choose one of {SCORINGS}.")
+    if scoring != "letter":
         return scoring, None
     try:
         return scoring, torch.tensor(enc.label_token_ids(width))
@@ -232,16 +240,16 @@ def _option_inputs(enc: TaskEncoder, example: Mapping[str, Any], shots: Examples
     return {"batch": batch, "targets": labels[:, width - keep + 1 :], "keep": keep, "shared": min(starts)}
 
 
-def _option_probs(model: nn.Module, inputs: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """``(num choices,)``: softmax of each option's mean token log-likelihood (one forward of the current model)."""
+def _option_probs(model: nn.Module, inputs: dict[str, Any], device: torch.device, mean: bool = True) -> torch.Tensor:
+    """``(num choices,)``: softmax of each option's mean (or summed) token log-likelihood (one forward)."""
     batch = _to(inputs["batch"], device)
     keep, targets = inputs["keep"], inputs["targets"].to(device)
     logits = _tail_logits(model, batch, keep, _shared_prefix(batch["input_ids"], inputs["shared"]))
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
     picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     answer = targets != -100
-    score = (picked * answer).sum(-1) / answer.sum(-1)
-    return torch.softmax(score.cpu(), dim=-1)
+    score = (picked * answer).sum(-1)
+    return torch.softmax((score / answer.sum(-1) if mean else score).cpu(), dim=-1)
 
 
 def _shared_prefix(input_ids: torch.Tensor, length: int) -> int:

@@ -52,7 +52,7 @@ class EvaluationProtocol:
     num_samples: Optional[int] = None
     """Posterior samples averaged per prediction; None: the adapter's ``num_samples``."""
     scoring: Optional[str] = None
-    """'letter' or 'option' (see `predict_proba`); None: the encoder's answer format."""
+    """'letter', 'option' or 'option_sum' (see `predict_proba`); None: the encoder's answer format."""
     max_query: Optional[int] = None
     """Cap on predicted examples per task (None: all but the support set)."""
     num_shots: int = 0

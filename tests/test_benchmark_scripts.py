@@ -244,9 +244,14 @@ def test_dropin_benchmark_compares_lora_and_abmll_on_the_same_examples(tok, tmp_
     args = dropin.main.__globals__["argparse"].Namespace(
         train=24, eval=12, epochs=1.0, batch=4, lr=1e-2, r=4, max_length=48, samples=[1, 2], work_dir=str(tmp_path)
     )
-    args.quiet = True
-    records = dropin.run_seed(0, rows, lambda: tiny_lm(tok), tok, args)
-    assert [r["name"] for r in records] == ["lora", "abmll-S1", "abmll-S2"]
+    args.quiet, args.scorings = True, ["option", "option_sum"]
+    both = dropin.run_seed(0, rows, lambda: tiny_lm(tok), tok, args)
+    names = ["lora", "lora|option_sum", "abmll-S1", "abmll-S2", "abmll-S1|option_sum", "abmll-S2|option_sum"]
+    assert [r["name"] for r in both] == names and sorted(dropin.record_names(args)) == sorted(names)
+    by_name = {r["name"]: r for r in both}
+    # every option here is one token, so its summed and mean log-likelihoods agree (multi-token: test_option_scoring)
+    assert by_name["lora"]["probs"] == by_name["lora|option_sum"]["probs"]
+    records = [r for r in both if "|" not in r["name"]]
     assert all(r["labels"] == records[0]["labels"] and len(r["probs"]) == 12 for r in records)  # the same examples
     assert records[1]["probs"] != records[2]["probs"]  # two samples are not the posterior mean
     train, held_out = dropin.split(rows, 24, 12, 0)
@@ -254,7 +259,9 @@ def test_dropin_benchmark_compares_lora_and_abmll_on_the_same_examples(tok, tmp_
     table = dropin.summary(records + [{**r, "seed": 1} for r in records]).splitlines()
     assert table[2].startswith("| lora | 2 | 24 |") and table[2].endswith("– | – | – | – |")
     assert table[4].startswith("| abmll-S2 | 2 | 24 |") and "–" not in table[4]
-    args.settings, args.samples = {"init_std": 0.01}, [1]  # a variant: LoRA of this seed is done, not retrained
+    sum_table = dropin.summary(both).splitlines()
+    assert any(line.startswith("| abmll-S1|option_sum |") and "–" not in line for line in sum_table)  # paired
+    args.settings, args.samples, args.scorings = {"init_std": 0.01}, [1], ["option"]  # a variant: LoRA is done
     variant = dropin.run_seed(0, rows, lambda: tiny_lm(tok), tok, args, done=frozenset({"lora"}))
     assert [r["name"] for r in variant] == ["abmll[init_std=0.01]-S1"] == dropin.record_names(args)[1:]
     assert variant[0]["probs"] != records[1]["probs"]  # another configuration, on the same examples

@@ -27,8 +27,8 @@ def _model(tok):
         return get_peft_model(tiny_lm(tok), ABMLLConfig(init_weights=False, init_std=0.05))
 
 
-def _reference(model, enc: TaskEncoder, example: dict) -> torch.Tensor:
-    """One unpadded forward per option with full logits: softmax over mean answer-token log-probabilities."""
+def _reference(model, enc: TaskEncoder, example: dict, reduce: str = "mean") -> torch.Tensor:
+    """One unpadded forward per option with full logits: softmax over mean (or summed) answer-token log-probs."""
     scores = []
     for j in range(len(example["choices"])):
         encoded = enc.encode_option(example, j)
@@ -36,7 +36,7 @@ def _reference(model, enc: TaskEncoder, example: dict) -> torch.Tensor:
         start = encoded["prompt_length"]
         log_probs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
         answer = ids[0, start:]
-        scores.append(log_probs[start - 1 : ids.shape[1] - 1].gather(-1, answer[:, None]).mean())
+        scores.append(getattr(log_probs[start - 1 : ids.shape[1] - 1].gather(-1, answer[:, None]), reduce)())
     return torch.softmax(torch.stack(scores), dim=-1)
 
 
@@ -65,6 +65,22 @@ def test_option_scoring_matches_a_plain_forward_per_option(tok, logits_to_keep, 
     assert len(cached) == (len(EXAMPLES) if prefix_cache else 0) and all(c is not None for c in cached)
     letters = peft_abmll.predict_proba(model, EXAMPLES, encoder=enc, scoring="letter")
     assert not torch.allclose(letters, probs)  # a different score of the same model
+
+
+def test_summed_option_scoring_is_the_models_probability_of_each_text(tok) -> None:
+    """``option_sum``: softmax of the summed log-likelihoods, i.e. P(text | prompt) renormalised over the options;
+    it differs from the mean where options have different lengths (the third example), not where all are one
+    token long (the second)."""
+    model = _model(tok).eval()
+    enc = TaskEncoder(tok, answer_format="option")
+    summed = peft_abmll.predict_proba(model, EXAMPLES, encoder=enc, scoring="option_sum")
+    mean = peft_abmll.predict_proba(model, EXAMPLES, encoder=enc)
+    for i, example in enumerate(EXAMPLES):
+        k = len(example["choices"])
+        with torch.no_grad():
+            torch.testing.assert_close(summed[i, :k], _reference(model, enc, example, "sum"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(summed[1], mean[1])
+    assert not torch.allclose(summed[2], mean[2], atol=1e-3)
 
 
 def test_option_scoring_averages_posterior_samples(tok) -> None:
@@ -145,3 +161,13 @@ def test_bad_scoring_is_refused(tok) -> None:
         peft_abmll.predict_proba(_model(tok), EXAMPLES, tokenizer=tok, scoring="words")
     with pytest.raises(ValueError, match="answer_format"):
         TaskEncoder(tok, answer_format="words")
+
+
+def test_meta_training_arguments_carry_the_evaluation_scoring(tmp_path) -> None:
+    from peft_abmll import MetaTrainingArguments
+
+    args = MetaTrainingArguments(output_dir=str(tmp_path), report_to=[], eval_scoring="option_sum")
+    assert args.evaluation_protocol().scoring == "option_sum"
+    assert MetaTrainingArguments(output_dir=str(tmp_path), report_to=[]).evaluation_protocol().scoring is None
+    with pytest.raises(ValueError, match="eval_scoring='words'"):
+        MetaTrainingArguments(output_dir=str(tmp_path), report_to=[], eval_scoring="words")

@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
+from ..adaptation import SCORINGS
 from ..algorithms import DEFAULT_INNER_LR
 from ..data import ANSWER_FORMATS, TaskEncoder
 from ..evaluation import EvaluationProtocol
@@ -168,6 +169,14 @@ class MetaTrainingArguments(TrainingArguments):
             "aliases": ["--max-query"],
         },
     )
+    eval_scoring: Optional[Literal["letter", "option", "option_sum"]] = field(
+        default=None,
+        metadata={
+            "help": "How evaluation turns the model into option probabilities (see `predict_proba`): 'letter', "
+            "'option' (mean token log-likelihood of each option's text) or 'option_sum' (summed: the model's own "
+            "probability of the text). Default: what `answer_format` trains."
+        },
+    )
     ece_bins: int = field(default=15, metadata={"help": "Equal-width bins of the expected calibration error."})
 
     def __post_init__(self) -> None:
@@ -212,6 +221,7 @@ class MetaTrainingArguments(TrainingArguments):
             optimizer=self.inner_optimizer,
             beta=self.beta,
             num_samples=self.eval_num_samples,
+            scoring=self.eval_scoring,
             max_query=self.eval_max_query,
             num_shots=self.num_shots,
             max_choices=self.max_choices,
@@ -230,6 +240,8 @@ class MetaTrainingArguments(TrainingArguments):
             raise ValueError(f"meta_algorithm={self.meta_algorithm!r}; choose one of {META_ALGORITHMS}.")
         if self.answer_format not in ANSWER_FORMATS:
             raise ValueError(f"answer_format={self.answer_format!r}; choose one of {ANSWER_FORMATS}.")
+        if self.eval_scoring is not None and self.eval_scoring not in SCORINGS:
+            raise ValueError(f"eval_scoring={self.eval_scoring!r}; choose one of {SCORINGS} (or None).")
         if self.global_update not in GLOBAL_UPDATES:
             raise ValueError(f"global_update={self.global_update!r}; choose one of {GLOBAL_UPDATES}.")
         if not (math.isfinite(self.outer_step_size) and 0 < self.outer_step_size <= 1):
