@@ -71,7 +71,9 @@ def _scale_moments(scale_A: torch.Tensor, scale_B: torch.Tensor, rows: slice, sp
     return {"mean": sigma.new_empty(0), "sigma": sigma, "var": sigma.square(), "dsigma": raw.sigmoid_()}
 
 
-def _difference_factors(q_scaled: tuple[torch.Tensor, ...], p_scaled: tuple[torch.Tensor, ...]) -> tuple:
+def _difference_factors(
+    q_scaled: tuple[torch.Tensor, ...], p_scaled: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` of rank ``2 r`` with ``B[rows] @ A = mean_q - mean_p`` (one matmul per block instead of two)."""
     return torch.cat([q_scaled[1], -p_scaled[1]], dim=1), torch.cat([q_scaled[0], p_scaled[0]], dim=0)
 

@@ -72,6 +72,7 @@ def test_export_lora_keeps_per_module_ranks_alphas_and_rslora(family: str, tmp_p
     expected = _logits(model, inputs)
     config = export_lora(model, tmp_path)
     assert (config.rank_pattern, config.alpha_pattern, config.use_rslora) == ({first: 4}, {second: 5.0}, True)
+    assert model.peft_config["default"].fan_in_fan_out is (family == "gpt2")  # Conv1D's layout, though patterned
     torch.testing.assert_close(_logits(_load_lora(family, tmp_path), inputs), expected, rtol=1e-6, atol=1e-6)
 
 

@@ -139,11 +139,12 @@ class ABMLLModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        peft_config = peft_config.for_module(current_key)  # this module's rank and alpha (rank / alpha_pattern)
+        module_config = peft_config.for_module(current_key)  # this module's rank and alpha (rank / alpha_pattern)
         if isinstance(target, Linear):
-            target.update_layer(adapter_name, peft_config)
+            target.update_layer(adapter_name, module_config)
             return
-        new_module = _create_new_module(peft_config, adapter_name, target, current_key)
+        new_module = _create_new_module(module_config, adapter_name, target, current_key)
+        peft_config.fan_in_fan_out = module_config.fan_in_fan_out  # as the layer type forced it (Conv1D), saved
         new_module.abmll_layer_index = sum(1 for _ in self._abmll_layers())
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
