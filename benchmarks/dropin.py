@@ -167,7 +167,7 @@ def summary(records: list[dict[str, Any]], reference: str = "lora") -> str:
         ref = pooled(records, ref_name) if ref_name in names and name != ref_name else None
         probs, labels, groups = pooled(records, name)
         stats = metrics_with_intervals(probs, labels, groups)["pooled"]
-        cells = [name, str(len(set(groups))), str(len(labels)), *(_ci(stats[k]) for k in METRICS)]
+        cells = [name.replace("|", "\\|"), str(len(set(groups))), str(len(labels)), *(_ci(stats[k]) for k in METRICS)]
         if ref is not None and ref[2] == groups:
             diffs = metrics_with_intervals(probs, labels, groups, other=ref[0])["pooled"]
             cells += [_ci(diffs[k], signed=True) for k in METRICS]

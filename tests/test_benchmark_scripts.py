@@ -260,7 +260,7 @@ def test_dropin_benchmark_compares_lora_and_abmll_on_the_same_examples(tok, tmp_
     assert table[2].startswith("| lora | 2 | 24 |") and table[2].endswith("– | – | – | – |")
     assert table[4].startswith("| abmll-S2 | 2 | 24 |") and "–" not in table[4]
     sum_table = dropin.summary(both).splitlines()
-    assert any(line.startswith("| abmll-S1|option_sum |") and "–" not in line for line in sum_table)  # paired
+    assert any(line.startswith("| abmll-S1\\|option_sum |") and "–" not in line for line in sum_table)  # paired
     args.settings, args.samples, args.scorings = {"init_std": 0.01}, [1], ["option"]  # a variant: LoRA is done
     variant = dropin.run_seed(0, rows, lambda: tiny_lm(tok), tok, args, done=frozenset({"lora"}))
     assert [r["name"] for r in variant] == ["abmll[init_std=0.01]-S1"] == dropin.record_names(args)[1:]
