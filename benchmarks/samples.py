@@ -53,6 +53,7 @@ def meta_train(tokenizer: Any, beta: float, seed: int, args: argparse.Namespace)
         use_cpu=True,
         disable_tqdm=True,
         logging_steps=args.steps,
+        answer_format="letter",  # the family's rule is a shared offset in letter space (always "A)")
     )
     MetaTrainer(model=model, args=margs, train_dataset=train, processing_class=tokenizer).train()
     return model
@@ -61,7 +62,7 @@ def meta_train(tokenizer: Any, beta: float, seed: int, args: argparse.Namespace)
 def evaluate_modes(model: Any, tokenizer: Any, seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Pooled NLL / ECE with intervals for the mean and every S, paired against the mean."""
     held_out = task_family(args.eval_tasks, 10 + args.queries, seed=1000 + seed, prefix="new", label_noise=args.noise)
-    encoder = TaskEncoder(tokenizer)
+    encoder = TaskEncoder(tokenizer, answer_format="letter")
     outputs = {}
     for samples in args.samples:
         mode = "mean" if samples == 1 else f"S={samples}"

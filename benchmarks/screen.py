@@ -288,7 +288,11 @@ def main(argv: list[str] | None = None) -> None:
                 if (name, answer_format) in done:
                     continue
                 print(f"== {name} ({answer_format})", file=sys.stderr, flush=True)
-                results.append(screen_task(name, rows, answer_format, model_fn, tokenizer, args))
+                try:
+                    results.append(screen_task(name, rows, answer_format, model_fn, tokenizer, args))
+                except ValueError as err:  # e.g. options longer than --max-length: recorded, the screen goes on
+                    print(f"== {name} ({answer_format}) skipped: {err}", file=sys.stderr)
+                    results.append({"task": name, "format": answer_format, "skipped": str(err)})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"results": results, "settings": vars(args)}, indent=1))
     print(table(results))

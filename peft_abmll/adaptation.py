@@ -23,11 +23,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from .algorithms import DEFAULT_INNER_LR, SnapshotView, abmll_tuner, inner_loop, make_view, require_causal_lm
-from .data import (
-    LetterCollisionError,
-    TaskEncoder,
-    as_examples,
-)
+from .data import DEFAULT_ANSWER_FORMAT, LetterCollisionError, TaskEncoder, as_examples
 from .files import save_pretrained_atomic
 from .tuner.model import ABMLLModel
 
@@ -39,13 +35,21 @@ SCORINGS = ("letter", "option", "option_sum")
 """`predict_proba` scorings: option letters, options by mean or by summed token log-likelihood."""
 
 
-def encoder_for(tokenizer: Any, encoder: Optional[TaskEncoder]) -> TaskEncoder:
-    """`encoder` if given, else a default `TaskEncoder` of `tokenizer`."""
+def encoder_for(tokenizer: Any, encoder: Optional[TaskEncoder], model: Optional[nn.Module] = None) -> TaskEncoder:
+    """`encoder` if given, else a `TaskEncoder` of `tokenizer` in the answer format `model`'s ABMLL adapter was
+    meta-trained with (its ``training_record``), else the default format."""
     if encoder is not None:
         return encoder
     if tokenizer is None:
         raise ValueError("Pass `tokenizer=` (or a TaskEncoder as `encoder=`) to turn examples into tokens.")
-    return TaskEncoder(tokenizer)
+    return TaskEncoder(tokenizer, answer_format=trained_answer_format(model) or DEFAULT_ANSWER_FORMAT)
+
+
+def trained_answer_format(model: Optional[nn.Module]) -> Optional[str]:
+    """The answer format `model`'s ABMLL adapter was meta-trained with (recorded by `MetaTrainer`), or None."""
+    tuner = abmll_tuner(model) if model is not None else None
+    record = (tuner.abmll_config().training_record or {}) if tuner is not None else {}
+    return (record.get("meta_training") or {}).get("answer_format")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -97,7 +101,7 @@ def adapt(
         raise ValueError(f"Cannot adapt to task {task!r}: no support examples given.")
     support = as_examples(support, f"support examples of task {task!r}")
     lr = adaptation_learning_rate(model) if lr is None else lr
-    enc = encoder_for(tokenizer, encoder)
+    enc = encoder_for(tokenizer, encoder, model)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(support))
     batches = []
@@ -175,7 +179,7 @@ def predict_proba(
         ``(len(examples), max choices)`` float32; invalid options are 0; rows sum to 1.
     """
     require_causal_lm(model, "predict_proba")
-    enc = encoder_for(tokenizer, encoder)
+    enc = encoder_for(tokenizer, encoder, model)
     examples = as_examples(examples, "predict_proba examples")
     shots = as_examples(shots, "in-context examples") if num_shots > 0 and _non_empty(shots) else []
     width = max(len(e["choices"]) for e in examples)

@@ -33,10 +33,10 @@ from typing import Any, Literal, Optional
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import HfArgumentParser
 
-from .adaptation import adapt, save_adapted
+from .adaptation import adapt, save_adapted, trained_answer_format
 from .algorithms import NonFiniteLossError
 from .baselines import METHODS, default_lora_config, train_method
-from .data import prepare_tasks
+from .data import TaskEncoder, prepare_tasks
 from .evaluation import evaluate_tasks, record_evaluation
 from .experiment import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, compare_methods, format_table, load_causal_lm, resolve_tasks
 from .files import save_pretrained_atomic
@@ -510,7 +510,7 @@ def cmd_adapt(args: ParsedArgs) -> Path:
     examples = [e for task in tasks.values() for e in task][: options.support]
     model, tokenizer = _load_adapted_model(args)
     protocol = margs.evaluation_protocol(lr=margs.adaptation_learning_rate)  # None: the adapter's recorded rate
-    encoder = margs.task_encoder(tokenizer)
+    encoder = _encoder(model, tokenizer, args)
     logs = adapt(model, examples, encoder=encoder, **protocol.adapt_settings(), seed=margs.seed, task=options.task)
     target = Path(options.save_to or _output_dir(margs) / "adapted")
     save_adapted(model, target)
@@ -536,7 +536,7 @@ def _evaluate(model: Any, tokenizer: Any, args: ParsedArgs, tasks: Any, out: Pat
     protocol = margs.evaluation_protocol()
     if args.command != "train":  # `abmll evaluate` trains nothing: default to the adapter's recorded rate
         protocol = margs.evaluation_protocol(lr=margs.adaptation_learning_rate)
-    encoder = margs.task_encoder(tokenizer)
+    encoder = _encoder(model, tokenizer, args)
     results = evaluate_tasks(
         model,
         tasks,
@@ -547,6 +547,17 @@ def _evaluate(model: Any, tokenizer: Any, args: ParsedArgs, tasks: Any, out: Pat
         progress=not margs.disable_tqdm,
     )
     return results
+
+
+def _encoder(model: Any, tokenizer: Any, args: ParsedArgs) -> TaskEncoder:
+    """The task encoder of the arguments; `evaluate` / `adapt` without ``--answer_format`` use the format the
+    loaded adapter was meta-trained with (what was trained is what is scored)."""
+    encoder = args.meta.task_encoder(tokenizer)
+    recorded = trained_answer_format(model) if args.command != "train" else None
+    if recorded and "answer_format" not in args.given and recorded != encoder.answer_format:
+        logger.info("Using answer_format=%r, the format the adapter was meta-trained with.", recorded)
+        encoder = TaskEncoder(tokenizer, max_length=encoder.max_length, answer_format=recorded)
+    return encoder
 
 
 def _report(results: dict[str, Any]) -> None:

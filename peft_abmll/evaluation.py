@@ -114,7 +114,7 @@ def evaluate_tasks(
     protocol = _with_settings(protocol or EvaluationProtocol(), settings)
     if protocol.lr is None:
         protocol = dataclasses.replace(protocol, lr=adaptation_learning_rate(model))
-    encoder = encoder_for(tokenizer, encoder)
+    encoder = encoder_for(tokenizer, encoder, model)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     runnable = _runnable_tasks(prepare_tasks(tasks, protocol.max_choices), protocol.support_size, warn=rank == 0)
     main = rank == 0

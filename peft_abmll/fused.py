@@ -231,34 +231,45 @@ def _seeded_normal(shape: tuple[int, ...], seed: int, like: torch.Tensor) -> tor
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
+def _local_std(u: torch.Tensor, B_stack: torch.Tensor) -> torch.Tensor:
+    """Per-output standard deviation on the row-rescaled input, from ``u = (x / row_max)**2 @ A_stack.T``."""
+    return (u @ B_stack.T).clamp_min(1e-30).sqrt()
+
+
+def _row_scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x / row_max, row_max)`` with ``row_max = max |x|`` per row: keeps ``x**2`` in range at any scale."""
+    row_max = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    return x / row_max, row_max
+
+
 class _LocalNoise(torch.autograd.Function):
-    """``row_max * sqrt((x / row_max)**2 @ A_stack.T @ B_stack.T) * eps``; saves x, the stacks and a seed."""
+    """``row_max * sqrt((x / row_max)**2 @ A_stack.T @ B_stack.T) * eps``.
+
+    Saves x, the stacks, the small low-rank intermediate ``u`` ``(..., P)`` and a seed: backward redraws ``eps``
+    instead of storing it (an activation the size of the output per adapted layer) and skips the ``x -> u`` matmul.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, seed: int) -> torch.Tensor:
-        row_max = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
-        u = (x / row_max).square() @ A_stack.T
-        std = (u @ B_stack.T).clamp_min(1e-30).sqrt()
-        eps = _seeded_normal(tuple(std.shape), seed, x)
-        ctx.save_for_backward(x, A_stack, B_stack)
+        xs, row_max = _row_scaled(x)
+        u = xs.square_() @ A_stack.T
+        std = _local_std(u, B_stack)
+        ctx.save_for_backward(x, A_stack, B_stack, u)
         ctx.seed = seed
-        return row_max * std * eps
+        return _seeded_normal(tuple(std.shape), seed, x).mul_(std).mul_(row_max)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        x, A_stack, B_stack = ctx.saved_tensors
-        row_max = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)  # a constant rescale: m * f(x / m) = f(x)
-        xs = x / row_max
-        xs_sq = xs.square()
-        u = xs_sq @ A_stack.T
-        std = (u @ B_stack.T).clamp_min(1e-30).sqrt()
+        x, A_stack, B_stack, u = ctx.saved_tensors
+        xs, row_max = _row_scaled(x)  # a constant rescale: m * f(x / m) = f(x)
+        std = _local_std(u, B_stack)
         eps = _seeded_normal(tuple(std.shape), ctx.seed, x)
-        g_var = grad_out * row_max * eps / (2 * std)  # d out / d var, var taken on the rescaled input
+        g_var = eps.mul_(grad_out).mul_(row_max).div_(std.mul_(2))  # d out / d var, var on the rescaled input
         g_u = g_var @ B_stack
         g_B = g_var.reshape(-1, g_var.shape[-1]).T @ u.reshape(-1, u.shape[-1])
         g_xs_sq = g_u @ A_stack
-        g_A = g_u.reshape(-1, g_u.shape[-1]).T @ xs_sq.reshape(-1, xs_sq.shape[-1])
-        g_x = g_xs_sq * 2 * xs / row_max
+        g_A = g_u.reshape(-1, g_u.shape[-1]).T @ xs.square().reshape(-1, xs.shape[-1])
+        g_x = g_xs_sq.mul_(xs).mul_(2 / row_max)
         return g_x, g_A, g_B, None
 
 

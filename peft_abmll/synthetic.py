@@ -4,7 +4,8 @@ For checking that a learning algorithm learns what the data says, in seconds and
 tests, ``benchmarks/samples.py`` and anyone who wants to see what meta-learning recovers use them.
 
 - `task_family(rule="first")`: every task's answer is the first listed option, a *shared offset* the
-  global adapter should learn; `rule="task"`: task ``t`` answers option ``t mod 3``, the same questions
+  global adapter should learn (with ``answer_format="letter"`` the same target, ``A)``, in every example);
+  `rule="task"`: task ``t`` answers option ``t mod 3``, the same questions
   with solutions far apart (a *wide* family).
 - ``label_noise=p``: each label is replaced by a uniformly drawn option with probability ``p``, so the
   best calibrated prediction is known: ``1 - p + p / 3`` on the rule's option, ``p / 3`` on the others.

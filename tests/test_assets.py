@@ -53,6 +53,7 @@ FAKE_TASKS = {
             _mc("Q4 five", {"1": 0, "2": 0, "3": 0, "4": 0, "5": 1}),
             {"input": "generative", "target": "x"},
             _mc("Q6", {"p": 0.0, "q": 0.5, "r": 0.25, "s": 0.0}),
+            _mc("Q7 blank option", {"dies": 1, " ": 0}),
         ],
     },
     "beta": {"name": "beta", "description": "parent of subtasks"},

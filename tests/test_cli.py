@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -160,6 +161,25 @@ print(model.peft_config["default"].posterior, (logits["adapter"] - logits["adapt
     )
     posterior, change = result.stdout.split()[-2:]
     assert posterior == "local" and float(change) > 0
+
+
+def test_evaluate_scores_in_the_format_the_adapter_was_trained_with(fake, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "run"
+    train = ["train", "--tasks", *TRAIN, "--model", fake.model, "--output-dir", str(out), "--steps", "2", *FAST]
+    assert cli.main([*train, "--answer_format", "letter"]) == 0
+    evaluate = ["evaluate", "--model", fake.model, "--adapter", str(out / "adapter"), "--tasks", *HELD_OUT[:1]]
+    evaluate += ["--max-query", "4", "--adapt-steps", "1"]
+    macro = {}
+    for name, extra in (
+        ("recorded", []),
+        ("letter", ["--answer_format", "letter"]),
+        ("option", ["--answer_format", "option"]),
+    ):
+        with caplog.at_level(logging.INFO, logger="peft_abmll"):
+            assert cli.main([*evaluate, "--output-dir", str(tmp_path / name), *extra]) == 0
+        macro[name] = json.loads((tmp_path / name / "evaluate_results.json").read_text())["macro"]
+    assert "answer_format='letter', the format the adapter was meta-trained with" in caplog.text
+    assert macro["recorded"] == macro["letter"] and macro["option"]["nll"] != pytest.approx(macro["letter"]["nll"])
 
 
 @pytest.mark.parametrize("method", ["regular_lora", "reptile"])

@@ -37,10 +37,11 @@ PER_PROCESS = (1, 2)  # tasks per update per process (gradient_accumulation_step
 # global step carries the adapted posteriors into the global one, and the inner AdamW's first step,
 # lr * g / (|g| + 1e-8), turns rounding on near-zero gradients into steps of size lr: after 4 updates at
 # outer_step_size 0.1 the runs differ by 2.4e-4 (4e-3 at 1.0) where the adapter moved 0.34. A lost or doubled
-# 1/N would differ by ~0.1. Logged values then agree to 1e-3 relative (1.2e-4 seen).
+# 1/N would differ by ~0.1. Logged values then agree to 5e-3 relative (1.4e-3 seen with the fused inner AdamW,
+# whose rounding differs from the per-parameter loop's; 1.2e-4 with that loop).
 TOLERANCE = {1: 1e-6, 2: 1e-3}
 LAUNCH_TIMEOUT = 240  # seconds; a launch takes 12-18 s here
-LOG_TOLERANCE = {1: 1e-5, 2: 1e-3}
+LOG_TOLERANCE = {1: 1e-5, 2: 5e-3}
 TRAIN_KEYS = (
     "loss",
     "grad_norm",

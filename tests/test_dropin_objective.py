@@ -178,7 +178,7 @@ def _train_plain(tok, tmp_path, loss_beta):
     """A plain transformers Trainer, no ABMLL code besides the config and the log callback: 60 steps, one task."""
     with seeded_torch_rng(0):
         model = get_peft_model(tiny_lm(tok), ABMLLConfig(loss_beta=loss_beta, init_std=INIT_STD))
-    enc = TaskEncoder(tok, max_length=64)
+    enc = TaskEncoder(tok, max_length=64, answer_format="letter")  # the family's rule: always option A
     rows = [enc.encode(r) for r in prepare_tasks(task_family(num_tasks=1, per_task=64, seed=0))["t0"]]
     args = TrainingArguments(
         output_dir=str(tmp_path / str(loss_beta)),

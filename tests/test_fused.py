@@ -116,6 +116,8 @@ def test_lowrank_noise_gradcheck_and_matches_dense_law() -> None:
     var = bayes.entry_variance(A, B, scale_type="linear", scaling=2.0, scale_floor=1e-2).double()
     eps = fused._seeded_normal((2, 3, 4), 7, x)
     torch.testing.assert_close(noise(x, A, B), (x.square() @ var.T).sqrt() * eps, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the gradient-free path (prediction) draws the same sample
+        torch.testing.assert_close(noise(x, A, B), (x.square() @ var.T).sqrt() * eps, rtol=1e-5, atol=1e-6)
 
 
 def test_weight_noise_gradcheck() -> None:

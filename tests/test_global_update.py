@@ -239,6 +239,7 @@ def _args(tmp_path, **kwargs) -> MetaTrainingArguments:
         inner_learning_rate=1e-2,
         seed=0,
         disable_tqdm=True,
+        answer_format="letter",  # the families' known answer is a shared offset in letter space
     )
     return MetaTrainingArguments(**{**defaults, **kwargs})
 
@@ -372,7 +373,7 @@ def test_wider_family_learns_a_wider_global_std(global_update, tok, shared_rule,
 def test_shared_offset_moves_the_global_mean_toward_it(tok, shared_rule, tmp_path):
     """All tasks answer 'the first option': the global mean alone (no adaptation) learns it on unseen tasks."""
     held_out = task_family(num_tasks=3, per_task=20, seed=7, prefix="new", rule="first")
-    encoder = TaskEncoder(tok)
+    encoder = TaskEncoder(tok, answer_format="letter")
 
     def zero_shot(model) -> float:
         examples = [row for rows in peft_abmll.prepare_tasks(held_out).values() for row in rows]
@@ -386,7 +387,7 @@ def test_shared_offset_moves_the_global_mean_toward_it(tok, shared_rule, tmp_pat
 
 def test_beta_keeps_the_local_posterior_near_the_global_and_changes_what_is_learned(tok, disagreeing, tmp_path):
     examples = peft_abmll.prepare_tasks(disagreeing)["t1"]
-    encoder = TaskEncoder(tok)
+    encoder = TaskEncoder(tok, answer_format="letter")
     batches = [encoder.batch(examples[i : i + 2]) for i in range(0, 10, 2)]
     kls = {}
     for beta in (0.0, 1.0):

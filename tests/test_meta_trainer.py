@@ -12,9 +12,10 @@ from peft import get_peft_model
 from transformers import TrainerCallback
 
 import peft_abmll
-from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, TaskEncoder
+from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, TaskEncoder, algorithms
 from peft_abmll.algorithms import ABMLLView, NonFiniteLossError, inner_loop
 from peft_abmll.baselines import METHODS, train_method
+from peft_abmll.data import seeded_torch_rng
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def _args(tmp_path, **kwargs) -> MetaTrainingArguments:
         inner_learning_rate=1e-2,
         seed=0,
         disable_tqdm=True,
+        answer_format="letter",  # the families' known answer is a shared offset in letter space
     )
     return MetaTrainingArguments(**{**defaults, **kwargs})
 
@@ -75,6 +77,33 @@ def test_inner_loop_moves_only_local_pairs(tok, family):
     assert len(logs) == 3 and all("nll" in step for step in logs)
     assert not any(_changed(g0, view.global_params()))
     assert all(_changed(l0, view.local_params()))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_inner_loop_optimizer_matches_the_plain_torch_one(tok, family, optimizer, monkeypatch):
+    """The inner loop's (fused where available) optimizer takes the steps of torch's plain per-parameter one."""
+    enc = TaskEncoder(tok)
+    examples = peft_abmll.prepare_tasks(family)["t0"]
+    batches = [enc.batch(examples[i : i + 2]) for i in range(0, 6, 2)]
+    adapted = []
+    classes = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    for plain in (False, True):
+        if plain:
+            monkeypatch.setattr(
+                algorithms,
+                "make_inner_optimizer",
+                lambda ps, name, lr, wd=0.0: classes[name](ps, lr=lr, weight_decay=wd),
+            )
+        with seeded_torch_rng(0, 1):  # the same model and the same noise draws in both runs
+            model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+            view = ABMLLView(model)
+            model.train()
+            with view.local_mode():
+                inner_loop(model, view, batches, lr=1e-2, optimizer=optimizer, weight_decay=0.01)
+        adapted.append(_snapshot(view.local_params()))
+    for fused_p, plain_p in zip(*adapted):
+        torch.testing.assert_close(fused_p, plain_p, rtol=1e-4, atol=1e-6)  # float rounding only
+    assert any(not torch.equal(a, b) for a, b in zip(adapted[0], _snapshot(view.global_params())))
 
 
 def test_global_update_moves_only_global_pairs_and_reset(tok, family, tmp_path):
@@ -116,7 +145,7 @@ def test_global_mean_moves_toward_adapted_local_mean(tok, family, tmp_path):
 
 def test_meta_training_beats_untrained_on_held_out_tasks(tok, family, held_out, tmp_path):
     # a small test-time learning rate: 5 steps alone cannot learn the family's rule, meta-training must
-    kwargs = dict(encoder=TaskEncoder(tok), support_batches=5, lr=1e-4, max_query=12, seed=0)
+    kwargs = dict(encoder=TaskEncoder(tok, answer_format="letter"), support_batches=5, lr=1e-4, max_query=12, seed=0)
     untrained = get_peft_model(tiny_lm(tok), ABMLLConfig())
     before = peft_abmll.evaluate_tasks(untrained, held_out, **kwargs)["macro"]
     trainer = _trainer(tok, family, tmp_path, max_steps=24, learning_rate=3e-2)

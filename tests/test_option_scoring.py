@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import peft_abmll
-from peft_abmll import ABMLLConfig, MetaTrainingArguments, TaskEncoder
+from peft_abmll import ABMLLConfig, MetaTrainingArguments, TaskEncoder, adaptation
 from peft_abmll.data import LetterCollisionError, seeded_torch_rng
 
 EXAMPLES = [
@@ -111,8 +111,6 @@ def test_a_cut_prompt_is_the_same_for_every_option(tok) -> None:
 
 def test_prefix_cache_keeps_each_posterior_sample(tok, monkeypatch) -> None:
     """A sample drawn for the prompt pass is the one the option pass sees: cached == uncached with S = 3."""
-    from peft_abmll import adaptation
-
     model = _model(tok)
     enc = TaskEncoder(tok, answer_format="option")
     cached = peft_abmll.predict_proba(model, EXAMPLES, encoder=enc, num_samples=3)
@@ -125,7 +123,21 @@ def test_option_format_trains_on_the_option_text(tok) -> None:
     encoded = enc.encode(EXAMPLES[0])
     answer = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != -100]
     assert tok.decode(answer).split() == ["blue", "green"]
-    assert tok.decode(TaskEncoder(tok).answer_ids(EXAMPLES[0])).replace(" ", "") == "B)"
+    assert tok.decode(TaskEncoder(tok, answer_format="letter").answer_ids(EXAMPLES[0])).replace(" ", "") == "B)"
+    assert TaskEncoder(tok).answer_ids(EXAMPLES[0]) == enc.answer_ids(EXAMPLES[0])  # the default format
+    assert MetaTrainingArguments(output_dir="/tmp/unused", report_to=[]).answer_format == "option"
+
+
+def test_default_encoder_follows_the_format_the_adapter_was_meta_trained_with(tok) -> None:
+    model = _model(tok)
+    assert adaptation.encoder_for(tok, None, model).answer_format == "option"  # nothing recorded: the default
+    config = model.peft_config["default"]
+    config.training_record = {"meta_training": {"answer_format": "letter"}}  # as MetaTrainer records it
+    assert adaptation.encoder_for(tok, None, model).answer_format == "letter"
+    letter = peft_abmll.predict_proba(model, EXAMPLES, encoder=TaskEncoder(tok, answer_format="letter"))
+    torch.testing.assert_close(peft_abmll.predict_proba(model, EXAMPLES, tokenizer=tok), letter)
+    explicit = TaskEncoder(tok, answer_format="option")
+    assert adaptation.encoder_for(tok, explicit, model) is explicit
 
 
 def test_colliding_letters_fall_back_to_option_scoring_with_a_message(caplog) -> None:
@@ -135,13 +147,14 @@ def test_colliding_letters_fall_back_to_option_scoring_with_a_message(caplog) ->
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+    letters = TaskEncoder(tok, answer_format="letter")
     with pytest.raises(LetterCollisionError, match="option scoring"):
-        TaskEncoder(tok).label_token_ids(3)
+        letters.label_token_ids(3)
     model = _model(tok)
     with caplog.at_level(logging.WARNING, logger="peft_abmll"):
-        probs = peft_abmll.predict_proba(model, EXAMPLES, tokenizer=tok)
+        probs = peft_abmll.predict_proba(model, EXAMPLES, encoder=letters)
     assert "Scoring by option log-likelihood instead" in caplog.text
-    torch.testing.assert_close(probs, peft_abmll.predict_proba(model, EXAMPLES, tokenizer=tok, scoring="option"))
+    torch.testing.assert_close(probs, peft_abmll.predict_proba(model, EXAMPLES, encoder=letters, scoring="option"))
 
 
 def test_evaluate_tasks_scores_with_the_encoders_format(tok) -> None:
@@ -149,8 +162,9 @@ def test_evaluate_tasks_scores_with_the_encoders_format(tok) -> None:
     model = _model(tok)
     common = dict(lr=1e-2, max_query=4, support_batches=2)
     by_option = peft_abmll.evaluate_tasks(model, family, encoder=TaskEncoder(tok, answer_format="option"), **common)
-    explicit = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, scoring="option", **common)
-    by_letter = peft_abmll.evaluate_tasks(model, family, tokenizer=tok, **common)
+    letters = TaskEncoder(tok, answer_format="letter")
+    explicit = peft_abmll.evaluate_tasks(model, family, encoder=letters, scoring="option", **common)
+    by_letter = peft_abmll.evaluate_tasks(model, family, encoder=letters, **common)
     assert by_option["pooled"]["nll"] != pytest.approx(by_letter["pooled"]["nll"], rel=1e-4)
     # the same scores, but trained on the format's own answer: the 2-step adaptations differ
     assert explicit["pooled"]["nll"] != pytest.approx(by_letter["pooled"]["nll"], rel=1e-4)

@@ -52,7 +52,7 @@ PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-bina
 TASKS_DIR = "bigbench/benchmark_tasks/"
 TASK_NAME_RE = re.compile(r"[A-Za-z0-9_]+(?:/[A-Za-z0-9_]+)?")
 INDEX_VERSION = 1
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: examples with a blank option are skipped
 TASK_SCHEMA = pa.schema(
     [
         ("task", pa.string()),
@@ -276,7 +276,8 @@ def convert_task_json(name: str, task: Mapping[str, Any]) -> tuple[list[dict[str
 
     Returns:
         (rows, skipped): rows with ``task, question, context, choices, label``; ``skipped`` counts
-        examples without ``target_scores`` or without a unique positive best option.
+        examples without ``target_scores``, without a unique positive best option, or with a blank option
+        (nothing to score or train on in the option format; e.g. one row of ``cryobiology_spanish``).
     """
     prefix = str(task.get("task_prefix") or "")
     rows, skipped = [], 0
@@ -288,7 +289,7 @@ def convert_task_json(name: str, task: Mapping[str, Any]) -> tuple[list[dict[str
         choices = [str(c) for c in scores]
         values = [float(v) for v in scores.values()]
         best = max(values)
-        if best <= 0 or values.count(best) != 1:
+        if best <= 0 or values.count(best) != 1 or not all(c.strip() for c in choices):
             skipped += 1
             continue
         question = str(example.get("input", ""))
@@ -321,7 +322,8 @@ def _leaf_table(archive: Path, index: Mapping[str, Mapping[str, Any]], names: li
         for name in missing:
             rows, skipped = convert_task_json(name, json.loads(raw[name]))
             if skipped:
-                logger.info("BIG-bench task %r: skipped %d non-multiple-choice/ambiguous example(s).", name, skipped)
+                what = "non-multiple-choice/ambiguous/blank-option"
+                logger.info("BIG-bench task %r: skipped %d %s example(s).", name, skipped, what)
             if not rows:
                 raise ValueError(f"BIG-bench task {name!r} has no multiple-choice example with a unique best option.")
             table = _rows_table(rows)
