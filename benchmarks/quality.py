@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import statistics
 import sys
@@ -43,6 +44,7 @@ from peft_abmll.baselines import METHODS
 from peft_abmll.cli import OptionParser
 from peft_abmll.evaluation import evaluate_tasks
 from peft_abmll.experiment import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, load_causal_lm, resolve_tasks, run_method
+from peft_abmll.files import atomic_write_text
 from peft_abmll.meta.arguments import MetaTrainingArguments
 from peft_abmll.metrics import METRICS, metrics_with_intervals, plot_reliability_diagram
 from peft_abmll.tables import render_table
@@ -420,6 +422,19 @@ def parse(argv: Optional[list[str]] = None) -> tuple[QualityOptions, MetaTrainin
     return options, base
 
 
+def save_records(out: Path, new: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add `new` to the records in `out` as it is on disk now (replacing the same name and seed) and write it
+    atomically, under a file lock; returns all records. Runs of different methods can so share one file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = json.loads(out.read_text())["records"] if out.exists() else []
+        keys = {(r["name"], r["seed"]) for r in new}
+        records = [r for r in on_disk if (r["name"], r["seed"]) not in keys] + new
+        atomic_write_text(out, json.dumps({"records": records, "settings": settings}, indent=2))
+    return records
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     options, base = parse(argv)
     model_fn, tokenizer = load_causal_lm(options.model)
@@ -435,9 +450,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 continue
             print(f"== {job['name']} seed {seed}", file=sys.stderr, flush=True)
             new = run_one(job, seed, options, base, tasks, model_fn, tokenizer)
-            records = [r for r in records if (r["name"], r["seed"]) not in {(n["name"], seed) for n in new}] + new
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"records": records, "settings": settings}, indent=2))
+            records = save_records(out, new, settings)
     wanted = [r for r in records if r["name"] in {name for job in jobs for name in record_names(job)}]
     print(summarise(wanted, markdown=options.markdown))
     for kind in ("pooled", "macro"):

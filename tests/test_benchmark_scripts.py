@@ -329,3 +329,14 @@ def test_profile_splits_an_episode_into_its_pieces(monkeypatch, tmp_path, capsys
     assert outer["abmll.global_direction"] > 0 and outer["abmll.kl"] == 0  # the direction is not the fused KL
     assert lora["abmll.kl"] == lora["abmll.noise"] == 0 and lora["Optimizer.step#"] > 0
     assert "| ABMLL inner step |" in capsys.readouterr().out
+
+
+def test_quality_records_from_two_runs_share_one_file(tmp_path: Path) -> None:
+    """Two processes (one per method) append to one JSON: each write keeps what the other wrote meanwhile."""
+    out = tmp_path / "quality.json"
+    a = quality.save_records(out, [{"name": "abmll", "seed": 0, "v": 1}], {"run": "a"})
+    b = quality.save_records(out, [{"name": "reptile", "seed": 0, "v": 2}], {"run": "b"})  # `a` not re-read by b
+    assert [r["name"] for r in a] == ["abmll"] and sorted(r["name"] for r in b) == ["abmll", "reptile"]
+    again = quality.save_records(out, [{"name": "abmll", "seed": 0, "v": 3}], {"run": "a"})  # a rerun replaces
+    assert sorted((r["name"], r["v"]) for r in again) == [("abmll", 3), ("reptile", 2)]
+    assert json.loads(out.read_text())["records"] == again
