@@ -46,6 +46,7 @@ from peft_abmll.evaluation import evaluate_tasks
 from peft_abmll.experiment import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, load_causal_lm, resolve_tasks, run_method
 from peft_abmll.files import atomic_write_text
 from peft_abmll.meta.arguments import MetaTrainingArguments
+from peft_abmll.meta.checkpoints import last_complete_checkpoint
 from peft_abmll.metrics import METRICS, metrics_with_intervals, plot_reliability_diagram
 from peft_abmll.tables import render_table
 from peft_abmll.tuner.config import ABMLLConfig
@@ -138,7 +139,8 @@ def run_one(
         save_total_limit=1,
     )
     margs = dataclasses.replace(base, **{**settings, **job["args"]})  # a job's own arguments win
-    resume = bool(options.save_every) and any(Path(margs.output_dir).glob("checkpoint-*"))  # an interrupted run
+    checkpoint = last_complete_checkpoint(margs.output_dir) if options.save_every else None  # an interrupted run
+    resume = checkpoint is not None
     model, unpruned = run_method(
         job["method"],
         model_fn,
@@ -175,11 +177,17 @@ def run_one(
                 # per query example, in task order: what intervals and paired differences are computed from
                 "probs": [[round(p, 6) for p in row] for row in result["probs"]],
                 "labels": result["labels"],
-                "train_seconds": unpruned["train_seconds"],
+                "train_seconds": unpruned["train_seconds"],  # this process's share when resumed
+                "resumed_from_step": _checkpoint_step(checkpoint),
                 "eval_seconds": result["eval_seconds"],
             }
         )
     return records
+
+
+def _checkpoint_step(checkpoint: Optional[Path]) -> int:
+    """The step of a ``checkpoint-<step>`` folder (0: trained from scratch)."""
+    return int(checkpoint.name.rpartition("-")[2]) if checkpoint else 0
 
 
 def _key_value(text: str, fields: Any, flag: str, owner: str) -> tuple[str, Any]:

@@ -102,6 +102,34 @@ def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch
     assert margs.output_dir == str(tmp_path / job["name"] / "seed3")
 
 
+def test_a_rerun_resumes_from_the_last_complete_checkpoint_and_records_its_step(tmp_path, monkeypatch) -> None:
+    """An interrupted run resumes from its newest *complete* checkpoint; the record says from which step."""
+    from peft_abmll.meta.checkpoints import mark_checkpoint_complete
+
+    seen = {}
+
+    def fake_run(method, model_fn, tokenizer, train, held_out, margs, config, **kwargs):
+        seen["resume"] = kwargs["resume_from_checkpoint"]
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(quality, "run_method", fake_run)
+    options, base = quality.parse(["--work_dir", str(tmp_path), "--save_every", "50"])
+    job = {"name": "abmll", "method": "abmll", "config": {}, "args": {}, "prune": [0.0]}
+    with pytest.raises(RuntimeError, match="stop"):
+        quality.run_one(job, 0, options, base, (None, None), None, None)
+    assert seen["resume"] is None  # nothing to resume from
+    run_dir = tmp_path / "abmll" / "seed0"
+    for step in (50, 100):
+        (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+        (run_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    mark_checkpoint_complete(run_dir / "checkpoint-50", 50)  # checkpoint-100 was cut off while saving
+    with pytest.raises(RuntimeError, match="stop"):
+        quality.run_one(job, 0, options, base, (None, None), None, None)
+    assert seen["resume"] is True
+    assert quality._checkpoint_step(quality.last_complete_checkpoint(run_dir)) == 50
+    assert quality._checkpoint_step(None) == 0
+
+
 def test_benchmark_flags_are_the_training_arguments_with_this_benchmarks_presets(tmp_path) -> None:
     options, base = quality.parse(["--steps", "7", "--learning_rate", "0.01", "--answer-format", "option"])
     assert (base.max_steps, base.learning_rate, base.answer_format) == (7, 0.01, "option")
