@@ -307,6 +307,24 @@ def paired_summary(
     return render_table(header, rows, markdown=True)
 
 
+def per_task_summary(records: list[dict[str, Any]], n_resamples: int = 1000) -> str:
+    """Accuracy and NLL of every configuration on every held-out task, pooled over seeds, with 95 % intervals."""
+    rows = [r for r in records if "probs" in r and not r["prune"]]
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    tasks = list(dict.fromkeys(task for r in rows for task in r["per_task"]))
+    header = ["task", "n", *(f"{name} {k}" for name in names for k in ("accuracy", "nll"))]
+    table = []
+    for task in tasks:
+        cells, n = [], 0
+        for name in names:
+            probs, labels, groups, _ = _pooled([r for r in rows if r["name"] == name], task=task)
+            stats = metrics_with_intervals(probs, labels, groups, n_resamples=n_resamples)["pooled"]
+            cells += [_interval(stats["accuracy"]), _interval(stats["nll"])]
+            n = len(labels)
+        table.append([task, str(n), *cells])
+    return render_table(header, table, markdown=True)
+
+
 def _verdict(metric: str, diff: dict[str, float]) -> str:
     if diff["low"] <= 0 <= diff["high"]:
         return ""
@@ -324,16 +342,26 @@ def plot_reliability(records: list[dict[str, Any]], path: Path, n_bins: int = 10
     return plot_reliability_diagram(results, path, n_bins=n_bins, panels=True)
 
 
-def _pooled(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-    """Probabilities (padded to 4 options), labels and (seed, task) group ids of `rows`, in seed order."""
+def _pooled(
+    rows: list[dict[str, Any]], task: Optional[str] = None
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Probabilities (padded to 4 options), labels and (seed, task) group ids of `rows`, in seed order.
+
+    With `task`, only that held-out task's examples (records list their tasks' examples in order).
+    """
     rows = sorted(rows, key=lambda r: r["seed"])
     probs, labels, groups = [], [], []
     for r in rows:
         p = torch.tensor(r["probs"], dtype=torch.float32)
-        probs.append(torch.nn.functional.pad(p, (0, 4 - p.shape[1])))
-        labels.extend(r["labels"])
-        for t, task in enumerate(r["per_task"].values()):
-            groups.extend([r["seed"] * 1000 + t] * task["n"])
+        p = torch.nn.functional.pad(p, (0, 4 - p.shape[1]))
+        start = 0
+        for t, (name, result) in enumerate(r["per_task"].items()):
+            stop = start + result["n"]
+            if task is None or name == task:
+                probs.append(p[start:stop])
+                labels.extend(r["labels"][start:stop])
+                groups.extend([r["seed"] * 1000 + t] * result["n"])
+            start = stop
     return torch.cat(probs), torch.tensor(labels), groups, [r["seed"] for r in rows]
 
 
@@ -466,6 +494,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(interval_summary(wanted, kind=kind))
         print(f"\n{options.focus} minus each baseline ({kind}), paired on the same examples:")
         print(paired_summary(wanted, focus=options.focus, kind=kind))
+    print("\nPer held-out task, pooled over seeds, 95 % bootstrap intervals:")
+    print(per_task_summary(wanted))
     print(f"\nwrote {out}")
     print(f"wrote {plot_reliability(wanted, out.with_suffix('.reliability.png'))}")
     if options.prune:

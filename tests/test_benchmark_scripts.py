@@ -161,6 +161,25 @@ def test_interval_table_pairs_configurations_on_the_same_examples() -> None:
     assert rows["pretrained"].count("–") == 4  # no difference to itself
 
 
+def test_per_task_table_takes_each_tasks_own_examples() -> None:
+    """Each task row is computed from that task's slice of every seed's examples (here: only task b is learned)."""
+    records = []
+    for seed in (0, 1):
+        record = _scored_record("abmll", seed, 0.0)
+        labels = torch.tensor(record["labels"])
+        probs = torch.tensor(record["probs"])
+        probs[20:] = torch.nn.functional.one_hot(labels[20:], 3) * 0.9 + 0.1 / 3  # task b: right and sure
+        record["probs"] = probs.tolist()
+        records.append(record)
+    rows = {
+        line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")
+        for line in quality.per_task_summary(records, n_resamples=100).splitlines()[2:]
+    }
+    assert set(rows) == {"a", "b"} and rows["b"][1] == "40"  # 20 examples × 2 seeds
+    assert rows["b"][2].startswith("1.000")
+    assert float(rows["a"][2].split()[0]) < 0.8
+
+
 def _scored_record(name: str, seed: int, shift: float, temperature: float = 1.0) -> dict:
     """40 query examples of 3 options over two tasks; `shift` adds logit mass on the true option."""
     g = torch.Generator().manual_seed(seed)
