@@ -5,6 +5,7 @@
     python benchmarks/quality.py --methods abmll --beta 1 1e-5 1e-7 1e-8 1e-16
     python benchmarks/quality.py --methods pretrained regular_lora abmll --prune 0.1 0.3 0.5
     python benchmarks/quality.py --methods abmll --set prior_b0=1e-6 init_std=3e-3
+    python benchmarks/quality.py --methods abmll --samples 4 8
     python benchmarks/quality.py --methods abmll reptile --arg outer_step_size=0.1 global_update=gradient
 
 Every (configuration, seed) trains on the meta-train tasks for ``--steps`` episodes (LoRA baselines: the same
@@ -15,7 +16,8 @@ hidden units in every layer after training (each trained model is evaluated unpr
 runs the same adaptation protocol. ``--set KEY=VALUE`` adds one ABMLL configuration per pair (an ablation of any
 `ABMLLConfig` field), ``--arg KEY=VALUE`` one ABMLL configuration per `MetaTrainingArguments` field; ABMLL
 records also hold the median global standard deviation after training. ``--num-samples S`` averages S posterior
-samples at prediction (ABMLL; 1 = the posterior mean).
+samples at prediction (ABMLL; 1 = the posterior mean); ``--samples 4 8`` evaluates every trained ABMLL model
+once more per S (records ``abmll-S4``, ...), on the same examples.
 
 The options are `QualityOptions` plus every `MetaTrainingArguments` field (``--learning_rate``, ``--outer_step_size``,
 ``--answer_format``, ``--num_shots``, aliases such as ``--steps`` / ``--inner-lr``), parsed by `HfArgumentParser`
@@ -32,7 +34,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -155,20 +157,23 @@ def run_one(
     global_std, mean_rms = median_global_std(model), global_mean_rms(model)
     encoder = margs.task_encoder(tokenizer)
     records = []
-    for prune in job["prune"]:
+    for prune, samples in evaluations(job):
         result = unpruned
-        if prune:
+        if prune or samples:
             start = time.perf_counter()
-            with pruned(model, prune):
-                protocol, show = margs.evaluation_protocol(), not margs.disable_tqdm
+            protocol = margs.evaluation_protocol()
+            protocol = dataclasses.replace(protocol, num_samples=samples or protocol.num_samples)
+            with pruned(model, prune) if prune else nullcontext():
+                show = not margs.disable_tqdm
                 result = evaluate_tasks(model, held_out, encoder=encoder, protocol=protocol, progress=show)
             result["eval_seconds"] = time.perf_counter() - start
         records.append(
             {
-                "name": job["name"] + (f"-prune{prune:g}" if prune else ""),
+                "name": record_name(job["name"], prune, samples),
                 "method": job["method"],
                 "seed": seed,
                 "prune": prune,
+                "samples": samples or None,  # posterior samples averaged per prediction (None: the default)
                 "macro": result["macro"],
                 "pooled": result["pooled"],
                 "per_task": result["per_task"],
@@ -226,11 +231,22 @@ def plan(args: QualityOptions) -> list[dict[str, Any]]:
         jobs.append({"name": f"abmll-{variant}", "method": "abmll", **{"config": {}, "args": {}, **spec}})
     for job in jobs:
         job.setdefault("prune", [0.0])
+        job["samples"] = list(args.samples or []) if job["method"] == "abmll" else []
     return jobs
 
 
+def evaluations(job: dict[str, Any]) -> list[tuple[float, int]]:
+    """(pruned fraction, posterior samples; 0 = the default) of every evaluation of one trained model."""
+    return [(p, 0) for p in job["prune"]] + [(0.0, n) for n in job.get("samples", [])]
+
+
+def record_name(name: str, prune: float, samples: int) -> str:
+    """``abmll``, ``abmll-prune0.3``, ``abmll-S8``: one record per evaluation of a configuration."""
+    return name + (f"-prune{prune:g}" if prune else "") + (f"-S{samples}" if samples else "")
+
+
 def record_names(job: dict[str, Any]) -> list[str]:
-    return [job["name"] + (f"-prune{p:g}" if p else "") for p in job["prune"]]
+    return [record_name(job["name"], p, n) for p, n in evaluations(job)]
 
 
 def summarise(records: list[dict[str, Any]], markdown: bool = False) -> str:
@@ -409,6 +425,10 @@ class QualityOptions:
     variants: list[str] = field(default_factory=list, metadata={"help": f"ABMLL variants: {', '.join(VARIANTS)}."})
     beta: Optional[list[float]] = field(default=None, metadata={"help": "ABMLL beta ablation values."})
     prune: Optional[list[float]] = field(default=None, metadata={"help": "Pruned fractions of hidden units."})
+    samples: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Also evaluate every trained ABMLL model averaging S posterior samples (one record per S)."},
+    )
     set: Optional[list[str]] = field(default=None, metadata={"help": "ABMLLConfig ablations, FIELD=VALUE."})
     arg: Optional[list[str]] = field(default=None, metadata={"help": "MetaTrainingArguments ablations, FIELD=VALUE."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed."})

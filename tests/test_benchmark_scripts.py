@@ -130,6 +130,24 @@ def test_a_rerun_resumes_from_the_last_complete_checkpoint_and_records_its_step(
     assert quality._checkpoint_step(None) == 0
 
 
+def test_samples_evaluate_each_trained_abmll_model_again_with_s_posterior_samples(tmp_path, monkeypatch) -> None:
+    """``--samples 4``: one training, two evaluations (the default and S = 4), two records; baselines: one."""
+    seen = []
+    result = {"macro": {}, "pooled": {}, "per_task": {}, "probs": [], "labels": [], "eval_seconds": 0.0}
+    monkeypatch.setattr(quality, "run_method", lambda *a, **k: (torch.nn.Linear(1, 1), {**result, "train_seconds": 1}))
+    monkeypatch.setattr(
+        quality, "evaluate_tasks", lambda *a, protocol, **k: seen.append(protocol.num_samples) or result
+    )
+    monkeypatch.setattr(quality.MetaTrainingArguments, "task_encoder", lambda self, tok: None)
+    options, base = quality.parse(["--work_dir", str(tmp_path), "--samples", "4", "--methods", "abmll", "reptile"])
+    jobs = {job["name"]: job for job in quality.plan(options)}
+    assert quality.record_names(jobs["abmll"]) == ["abmll", "abmll-S4"]
+    assert quality.record_names(jobs["reptile"]) == ["reptile"]
+    records = quality.run_one(jobs["abmll"], 0, options, base, (None, None), None, None)
+    assert [(r["name"], r["samples"]) for r in records] == [("abmll", None), ("abmll-S4", 4)]
+    assert seen == [4]  # the default evaluation is run_method's own; S = 4 is one more
+
+
 def test_benchmark_flags_are_the_training_arguments_with_this_benchmarks_presets(tmp_path) -> None:
     options, base = quality.parse(["--steps", "7", "--learning_rate", "0.01", "--answer-format", "option"])
     assert (base.max_steps, base.learning_rate, base.answer_format) == (7, 0.01, "option")
