@@ -264,6 +264,8 @@ def summarise(records: list[dict[str, Any]], markdown: bool = False) -> str:
         stds = [r["global_std"] for r in rows if r.get("global_std") is not None]
         sigma = f"{statistics.mean(stds):.1e}" if stds else "-"
         train_s = f"{statistics.mean(r['train_seconds'] for r in rows):.0f}"
+        if any(r.get("resumed_from_step") for r in rows):
+            train_s += " (resumed: this process's share)"
         table.append([name, str(len(rows)), *map(stat, ("accuracy", "ece", "nll", "brier")), sigma, train_s])
     return render_table(header, table, markdown=markdown, sep="  ")
 

@@ -82,6 +82,9 @@ def test_summary_table_averages_seeds() -> None:
     lines = table.splitlines()
     assert len(lines) == 4
     assert "| a | 2 | 0.300 ± 0.141 |" in lines[2] and "| b | 1 | 0.500 ± 0.000 |" in lines[3]
+    assert "resumed" not in table
+    resumed = {**record("b", 0, 0.5), "resumed_from_step": 150}
+    assert "resumed" in quality.summarise([resumed]).splitlines()[-1]  # its train time is only part of the run
 
 
 def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch) -> None:
