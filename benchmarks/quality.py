@@ -49,7 +49,7 @@ from peft_abmll.experiment import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, load_causal
 from peft_abmll.files import atomic_write_text
 from peft_abmll.meta.arguments import MetaTrainingArguments
 from peft_abmll.meta.checkpoints import last_complete_checkpoint
-from peft_abmll.metrics import METRICS, metrics_with_intervals, plot_reliability_diagram
+from peft_abmll.metrics import METRICS, bootstrap_interval, metrics_with_intervals, plot_reliability_diagram
 from peft_abmll.tables import render_table
 from peft_abmll.tuner.config import ABMLLConfig
 from peft_abmll.tuner.layer import ABMLLLayer
@@ -142,7 +142,6 @@ def run_one(
     )
     margs = dataclasses.replace(base, **{**settings, **job["args"]})  # a job's own arguments win
     checkpoint = last_complete_checkpoint(margs.output_dir) if options.save_every else None  # an interrupted run
-    resume = checkpoint is not None
     model, unpruned = run_method(
         job["method"],
         model_fn,
@@ -152,7 +151,7 @@ def run_one(
         margs,
         ABMLLConfig(**{"task_type": "CAUSAL_LM", **job["config"]}),
         lora_learning_rate=options.lora_lr,
-        resume_from_checkpoint=resume or None,
+        resume_from_checkpoint=True if checkpoint else None,
     )
     global_std, mean_rms = median_global_std(model), global_mean_rms(model)
     encoder = margs.task_encoder(tokenizer)
@@ -336,8 +335,10 @@ def per_task_summary(records: list[dict[str, Any]], n_resamples: int = 1000) -> 
         cells, n = [], 0
         for name in names:
             probs, labels, groups, _ = _pooled([r for r in rows if r["name"] == name], task=task)
-            stats = metrics_with_intervals(probs, labels, groups, n_resamples=n_resamples)["pooled"]
-            cells += [_interval(stats["accuracy"]), _interval(stats["nll"])]
+            cells += [
+                _interval(bootstrap_interval(METRICS[k], probs, labels, groups, n_resamples=n_resamples))
+                for k in ("accuracy", "nll")
+            ]
             n = len(labels)
         table.append([task, str(n), *cells])
     return render_table(header, table, markdown=True)
