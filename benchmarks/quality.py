@@ -42,7 +42,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from peft_abmll.baselines import METHODS
+from peft_abmll.baselines import METHODS, train_method
 from peft_abmll.cli import OptionParser
 from peft_abmll.evaluation import evaluate_tasks
 from peft_abmll.experiment import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, load_causal_lm, resolve_tasks, run_method
@@ -130,8 +130,15 @@ def run_one(
     tasks: tuple,
     model_fn: Any,
     tokenizer: Any,
+    done: Optional[dict[str, dict[str, Any]]] = None,
 ) -> list[dict[str, Any]]:
-    """Train `job` once with `seed`; evaluate it unpruned and at each of the job's prune fractions."""
+    """Train `job` once with `seed`; evaluate it unpruned and at each of the job's prune fractions.
+
+    `done` maps the names of this seed's records already in the results file to them: those evaluations are
+    not repeated (a rerun that adds ``--samples`` or ``--prune`` reloads the trained model from its final
+    checkpoint and runs only the new evaluations).
+    """
+    done = done or {}
     train, held_out = tasks
     settings = dict(
         output_dir=str(Path(options.work_dir) / job["name"] / f"seed{seed}"),
@@ -142,21 +149,20 @@ def run_one(
     )
     margs = dataclasses.replace(base, **{**settings, **job["args"]})  # a job's own arguments win
     checkpoint = last_complete_checkpoint(margs.output_dir) if options.save_every else None  # an interrupted run
-    model, unpruned = run_method(
-        job["method"],
-        model_fn,
-        tokenizer,
-        train,
-        held_out,
-        margs,
-        ABMLLConfig(**{"task_type": "CAUSAL_LM", **job["config"]}),
-        lora_learning_rate=options.lora_lr,
-        resume_from_checkpoint=True if checkpoint else None,
-    )
+    train_args = (job["method"], model_fn, tokenizer, train)
+    config = ABMLLConfig(**{"task_type": "CAUSAL_LM", **job["config"]})
+    resume = {"lora_learning_rate": options.lora_lr, "resume_from_checkpoint": True if checkpoint else None}
+    if job["name"] in done:  # trained and evaluated before: reload it (training resumes at its end)
+        model = train_method(*train_args, margs, config, **resume)
+        unpruned = {"train_seconds": done[job["name"]]["train_seconds"]}
+    else:
+        model, unpruned = run_method(*train_args, held_out, margs, config, **resume)
     global_std, mean_rms = median_global_std(model), global_mean_rms(model)
     encoder = margs.task_encoder(tokenizer)
     records = []
     for prune, samples in evaluations(job):
+        if record_name(job["name"], prune, samples) in done:
+            continue
         result = unpruned
         if prune or samples:
             start = time.perf_counter()
@@ -232,6 +238,15 @@ def plan(args: QualityOptions) -> list[dict[str, Any]]:
         job.setdefault("prune", [0.0])
         job["samples"] = list(args.samples or []) if job["method"] == "abmll" else []
     return jobs
+
+
+def only(jobs: list[dict[str, Any]], names: Optional[list[str]]) -> list[dict[str, Any]]:
+    """The jobs named by ``--only`` (all when it is not given); an unknown name is refused with the known ones."""
+    unknown = sorted(set(names or []) - {job["name"] for job in jobs})
+    if unknown:
+        known = ", ".join(job["name"] for job in jobs)
+        raise SystemExit(f"--only {' '.join(unknown)}: not a configuration these flags plan (planned: {known})")
+    return [job for job in jobs if not names or job["name"] in names]
 
 
 def evaluations(job: dict[str, Any]) -> list[tuple[float, int]]:
@@ -438,6 +453,10 @@ class QualityOptions:
     lora_lr: Optional[float] = field(
         default=None, metadata={"help": "Regular / structured LoRA learning rate (default: inner_learning_rate)."}
     )
+    only: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Run only these configurations of the plan (e.g. abmll-init_std=0.01 without abmll)."},
+    )
     focus: str = field(default="abmll", metadata={"help": "Configuration compared example by example with others."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps; a rerun resumes from it."})
     out: str = field(default="benchmarks/results/quality.json", metadata={"help": "Results JSON (resumed)."})
@@ -501,14 +520,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     out = Path(options.out)
     records = json.loads(out.read_text())["records"] if out.exists() else []
     done = {(r["name"], r["seed"]) for r in records}
-    jobs = plan(options)
+    jobs = only(plan(options), options.only)
     settings = {"options": dataclasses.asdict(options), "arguments": base.to_json_string()}
     for job in jobs:
         for seed in options.seeds:
             if all((name, seed) in done for name in record_names(job)):
                 continue
             print(f"== {job['name']} seed {seed}", file=sys.stderr, flush=True)
-            new = run_one(job, seed, options, base, tasks, model_fn, tokenizer)
+            previous = {r["name"]: r for r in records if r["seed"] == seed}
+            new = run_one(job, seed, options, base, tasks, model_fn, tokenizer, done=previous)
             records = save_records(out, new, settings)
     wanted = [r for r in records if r["name"] in {name for job in jobs for name in record_names(job)}]
     print(summarise(wanted, markdown=options.markdown))

@@ -151,6 +151,37 @@ def test_samples_evaluate_each_trained_abmll_model_again_with_s_posterior_sample
     assert seen == [4]  # the default evaluation is run_method's own; S = 4 is one more
 
 
+def test_a_rerun_with_more_evaluations_reloads_the_model_and_runs_only_the_new_ones(tmp_path, monkeypatch) -> None:
+    """``abmll`` is in the results file: adding ``--samples 4`` reloads it (no second default evaluation)."""
+    seen, trained = [], []
+    result = {"macro": {}, "pooled": {}, "per_task": {}, "probs": [], "labels": [], "eval_seconds": 0.0}
+
+    def fail(*a, **k):
+        raise AssertionError("run_method evaluates the model again")
+
+    monkeypatch.setattr(quality, "run_method", fail)
+    monkeypatch.setattr(quality, "train_method", lambda *a, **k: trained.append(a[0]) or torch.nn.Linear(1, 1))
+    monkeypatch.setattr(
+        quality, "evaluate_tasks", lambda *a, protocol, **k: seen.append(protocol.num_samples) or result
+    )
+    monkeypatch.setattr(quality.MetaTrainingArguments, "task_encoder", lambda self, tok: None)
+    options, base = quality.parse(["--work_dir", str(tmp_path), "--samples", "4", "--methods", "abmll"])
+    (job,) = quality.plan(options)
+    done = {"abmll": {"name": "abmll", "seed": 0, "train_seconds": 123.0}}
+    records = quality.run_one(job, 0, options, base, (None, None), None, None, done=done)
+    assert trained == ["abmll"] and seen == [4]
+    assert [(r["name"], r["train_seconds"]) for r in records] == [("abmll-S4", 123.0)]
+
+
+def test_only_keeps_the_named_configurations_of_the_plan_and_refuses_unknown_ones() -> None:
+    options, _ = quality.parse(["--methods", "abmll", "reptile", "--set", "init_std=0.01"])
+    jobs = quality.plan(options)
+    assert [j["name"] for j in quality.only(jobs, None)] == ["abmll", "reptile", "abmll-init_std=0.01"]
+    assert [j["name"] for j in quality.only(jobs, ["abmll-init_std=0.01"])] == ["abmll-init_std=0.01"]
+    with pytest.raises(SystemExit, match=r"abmll-init_std=0\.1: not a configuration .* abmll-init_std=0\.01"):
+        quality.only(jobs, ["abmll-init_std=0.1"])
+
+
 def test_benchmark_flags_are_the_training_arguments_with_this_benchmarks_presets(tmp_path) -> None:
     options, base = quality.parse(["--steps", "7", "--learning_rate", "0.01", "--answer-format", "option"])
     assert (base.max_steps, base.learning_rate, base.answer_format) == (7, 0.01, "option")
