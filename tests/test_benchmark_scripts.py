@@ -439,3 +439,17 @@ def test_quality_records_from_two_runs_share_one_file(tmp_path: Path) -> None:
     again = quality.save_records(out, [{"name": "abmll", "seed": 0, "v": 3}], {"run": "a"})  # a rerun replaces
     assert sorted((r["name"], r["v"]) for r in again) == [("abmll", 3), ("reptile", 2)]
     assert json.loads(out.read_text())["records"] == again
+
+
+def test_width_script_meta_trains_both_families_and_writes_their_widths(tmp_path, capsys) -> None:
+    """Two episodes per family at a large inner learning rate: the widths move off the prior's and are recorded."""
+    width = _load_script("width")
+    out = tmp_path / "width.json"
+    width.main(["--inner-lr", "1e-2", "--seeds", "0", "--steps", "2", "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["inner_lr"] == 1e-2 and run["seed"] == 0
+    for family in ("disagreeing", "agreeing"):
+        assert run[family]["global_std"] > ABMLLConfig.init_std  # the adapted posteriors' spread widens it
+        assert run[family]["spread_rms"] > 0
+    assert run["ratio"] == pytest.approx(run["disagreeing"]["global_std"] / run["agreeing"]["global_std"])
+    assert "| 0.01 | 0 |" in capsys.readouterr().out
