@@ -154,9 +154,11 @@ def run_one(
     resume = {"lora_learning_rate": options.lora_lr, "resume_from_checkpoint": True if checkpoint else None}
     if job["name"] in done:  # trained and evaluated before: reload it (training resumes at its end)
         model = train_method(*train_args, margs, config, **resume)
-        unpruned = {"train_seconds": done[job["name"]]["train_seconds"]}
+        trained = done[job["name"]]  # its training time and resume step describe the training, not this reload
+        unpruned = {"train_seconds": trained["train_seconds"], "resumed_from_step": trained.get("resumed_from_step", 0)}
     else:
         model, unpruned = run_method(*train_args, held_out, margs, config, **resume)
+        unpruned["resumed_from_step"] = _checkpoint_step(checkpoint)
     global_std, mean_rms = median_global_std(model), global_mean_rms(model)
     encoder = margs.task_encoder(tokenizer)
     records = []
@@ -188,7 +190,7 @@ def run_one(
                 "probs": [[round(p, 6) for p in row] for row in result["probs"]],
                 "labels": result["labels"],
                 "train_seconds": unpruned["train_seconds"],  # this process's share when resumed
-                "resumed_from_step": _checkpoint_step(checkpoint),
+                "resumed_from_step": unpruned["resumed_from_step"],
                 "eval_seconds": result["eval_seconds"],
             }
         )

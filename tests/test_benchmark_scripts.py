@@ -167,10 +167,10 @@ def test_a_rerun_with_more_evaluations_reloads_the_model_and_runs_only_the_new_o
     monkeypatch.setattr(quality.MetaTrainingArguments, "task_encoder", lambda self, tok: None)
     options, base = quality.parse(["--work_dir", str(tmp_path), "--samples", "4", "--methods", "abmll"])
     (job,) = quality.plan(options)
-    done = {"abmll": {"name": "abmll", "seed": 0, "train_seconds": 123.0}}
+    done = {"abmll": {"name": "abmll", "seed": 0, "train_seconds": 123.0, "resumed_from_step": 0}}
     records = quality.run_one(job, 0, options, base, (None, None), None, None, done=done)
     assert trained == ["abmll"] and seen == [4]
-    assert [(r["name"], r["train_seconds"]) for r in records] == [("abmll-S4", 123.0)]
+    assert [(r["name"], r["train_seconds"], r["resumed_from_step"]) for r in records] == [("abmll-S4", 123.0, 0)]
 
 
 def test_only_keeps_the_named_configurations_of_the_plan_and_refuses_unknown_ones() -> None:
