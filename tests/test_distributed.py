@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -83,7 +84,7 @@ def _torchrun(out: Path, *options: str) -> dict[str, Any]:
     ]
     for attempt in (1, 2):  # a launch that hangs (once seen here, not reproduced in 14 more) gets one more try
         start = time.perf_counter()
-        returncode, stderr = _run_in_own_session(command, env, timeout=LAUNCH_TIMEOUT)
+        returncode, stderr = _run_in_own_session(command, env, timeout=LAUNCH_TIMEOUT, marker=str(out))
         seconds = time.perf_counter() - start
         if returncode is not None:
             break
@@ -97,17 +98,36 @@ def _torchrun(out: Path, *options: str) -> dict[str, Any]:
     return {"out": out, "stderr": stderr, "seconds": seconds}
 
 
-def _run_in_own_session(command: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str]:
-    """(return code or None on timeout, stderr); on timeout the launcher and its workers are all stopped."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-        return process.returncode, stderr
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        return None, process.communicate()[1]
+def _run_in_own_session(command: list[str], env: dict[str, str], timeout: float, marker: str) -> tuple[int | None, str]:
+    """(return code or None on timeout, stderr); afterwards no process of the launch is left.
+
+    stderr goes to a file, not a pipe: a worker that outlives its launcher (seen once: the elastic agent
+    exited, one worker stayed blocked) would otherwise hold the pipe open and hang the test. Workers run in
+    sessions of their own, so leftovers are found by `marker` (the launch's output folder) in their command line.
+    """
+    with tempfile.TemporaryFile(mode="w+") as err:
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env, start_new_session=True
+        )
+        try:
+            returncode: int | None = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            returncode = None
+        _kill_processes_with(marker)
+        err.seek(0)
+        return returncode, err.read()
+
+
+def _kill_processes_with(marker: str) -> None:
+    """SIGKILL every process whose command line contains `marker` (Linux /proc; elsewhere a no-op)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace"):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):  # the process ended meanwhile, or is not ours
+            continue
 
 
 @pytest.fixture(scope="module")
