@@ -121,10 +121,10 @@ def _run_in_own_session(command: list[str], env: dict[str, str], timeout: float,
 
 
 def _kill_processes_with(marker: str) -> None:
-    """SIGKILL every process whose command line contains `marker` (Linux /proc; elsewhere a no-op)."""
+    """SIGKILL every process with `marker` as one of its arguments (Linux /proc; elsewhere a no-op)."""
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if marker in cmdline.read_bytes().decode(errors="replace"):
+            if marker in cmdline.read_bytes().decode(errors="replace").split("\0"):  # whole argument: ddp1 != ddp10
                 os.kill(int(cmdline.parent.name), signal.SIGKILL)
         except (OSError, ValueError):  # the process ended meanwhile, or is not ours
             continue
