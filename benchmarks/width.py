@@ -20,21 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import get_peft_model
 
 from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments
 from peft_abmll.data import seeded_torch_rng
 from peft_abmll.synthetic import task_family, tiny_lm, tiny_tokenizer
-
-
-def median_global_std(trainer: MetaTrainer) -> float:
-    """Median over every entry of every adapted ``ΔW`` of the global posterior's standard deviation."""
-    stds = [
-        layer.posterior_moments(name, "global")[1].sqrt().flatten()
-        for layer, name in trainer.view.tuner.abmll_layers_with_adapter()
-    ]
-    return torch.cat(stds).median().item()
 
 
 def learned_width(rule: str, inner_lr: float, seed: int, steps: int, init_std: float) -> dict[str, float]:
@@ -59,7 +49,7 @@ def learned_width(rule: str, inner_lr: float, seed: int, steps: int, init_std: f
         trainer = MetaTrainer(model=model, args=args, train_dataset=family, processing_class=tok)
         trainer.train()
     spread = next(float(log["spread_rms"]) for log in reversed(trainer.state.log_history) if "spread_rms" in log)
-    return {"global_std": median_global_std(trainer), "spread_rms": spread}
+    return {"global_std": trainer.view.tuner.median_posterior_std(), "spread_rms": spread}
 
 
 def main(argv: list[str] | None = None) -> None:

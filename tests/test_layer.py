@@ -540,3 +540,20 @@ def test_builders_are_seeded(family: str) -> None:
     first, second = BUILDERS[family](), BUILDERS[family]()
     assert not first.training
     assert all(torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters()))
+
+
+@pytest.mark.parametrize("init_std", [1e-3, 1e-2])
+def test_median_posterior_std_reads_the_width_each_posterior_has(tiny_llama: nn.Module, init_std: float) -> None:
+    """At init both posteriors have the config's width; widening the local one moves only the local reading."""
+    model = _abmll(tiny_llama, init_std=init_std)
+    tuner = model.base_model
+    assert tuner.median_posterior_std() == pytest.approx(init_std, rel=0.01)
+    assert tuner.median_posterior_std("local") == pytest.approx(init_std, rel=0.01)
+    with torch.no_grad():
+        for layer in _layers(model):
+            for p in [*layer.abmll_local_scale_A.values(), *layer.abmll_local_scale_B.values()]:
+                p.add_(1.0)
+    assert tuner.median_posterior_std("local") > 1.5 * init_std
+    assert tuner.median_posterior_std() == pytest.approx(init_std, rel=0.01)
+    with pytest.raises(ValueError, match="Unknown adapter"):
+        tuner.median_posterior_std(adapter_name="other")

@@ -221,6 +221,21 @@ class ABMLLModel(BaseTuner):
         """Entries of ``Delta W`` the adapter(s) model, summed over layers (the KL's per-entry denominator)."""
         return sum(layer.out_features * layer.in_features for layer, _ in self.abmll_layers_with_adapter(adapter_name))
 
+    @torch.no_grad()
+    def median_posterior_std(
+        self, posterior: Literal["global", "local"] = "global", adapter_name: Optional[str] = None
+    ) -> float:
+        """Median over every adapted entry of ``Delta W`` (all layers) of the posterior's standard deviation.
+
+        The one-number width of the posterior: compare it with the config's ``init_std`` to see whether meta-training
+        moved it. Builds each layer's dense ``(d_out, d_in)`` variance in turn (float32).
+        """
+        layers = list(self.abmll_layers_with_adapter(adapter_name))
+        if not layers:
+            raise ValueError(f"No ABMLL layer holds adapter {adapter_name or self.active_adapters}.")
+        stds = [layer.posterior_moments(name, posterior)[1].sqrt().flatten() for layer, name in layers]
+        return torch.cat(stds).median().item()
+
     # ----------------------------------------------------------------------------------- the model's own loss
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's forward, called through ``__call__`` so that the loss hook runs on every path."""
