@@ -14,7 +14,8 @@ predicts up to ``--max-query`` examples. Results are appended to the JSON file a
 there), and a table with mean ± std over seeds is printed. Pruning zeroes the smallest-magnitude fraction of MLP
 hidden units in every layer after training (each trained model is evaluated unpruned and at every fraction), then
 runs the same adaptation protocol. ``--set KEY=VALUE`` adds one ABMLL configuration per pair (an ablation of any
-`ABMLLConfig` field), ``--arg KEY=VALUE`` one ABMLL configuration per `MetaTrainingArguments` field; ABMLL
+`ABMLLConfig` field), ``--arg KEY=VALUE`` one configuration of every listed method per `MetaTrainingArguments`
+field (``reptile-inner_learning_rate=0.001``; what the field means for a LoRA baseline is `train_method`'s); ABMLL
 records also hold the median global standard deviation after training. ``--num-samples S`` averages S posterior
 samples at prediction (ABMLL; 1 = the posterior mean); ``--samples 4 8`` evaluates every trained ABMLL model
 once more per S (records ``abmll-S4``, ...), on the same examples.
@@ -231,8 +232,9 @@ def plan(args: QualityOptions) -> list[dict[str, Any]]:
             jobs.append({"name": f"abmll-beta{beta:g}", "method": "abmll", "config": {"beta": beta}, "args": {}})
         for key, value in map(parse_setting, args.set or []):
             jobs.append({"name": f"abmll-{key}={value}", "method": "abmll", "config": {key: value}, "args": {}})
-        for key, value in map(parse_argument, args.arg or []):
-            jobs.append({"name": f"abmll-{key}={value}", "method": "abmll", "config": {}, "args": {key: value}})
+    for key, value in map(parse_argument, args.arg or []):
+        for m in args.methods:
+            jobs.append({"name": f"{m}-{key}={value}", "method": m, "config": {}, "args": {key: value}})
     for variant in args.variants:
         spec = VARIANTS[variant]
         jobs.append({"name": f"abmll-{variant}", "method": "abmll", **{"config": {}, "args": {}, **spec}})
@@ -450,7 +452,12 @@ class QualityOptions:
         metadata={"help": "Also evaluate every trained ABMLL model averaging S posterior samples (one record per S)."},
     )
     set: Optional[list[str]] = field(default=None, metadata={"help": "ABMLLConfig ablations, FIELD=VALUE."})
-    arg: Optional[list[str]] = field(default=None, metadata={"help": "MetaTrainingArguments ablations, FIELD=VALUE."})
+    arg: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "MetaTrainingArguments ablations, FIELD=VALUE: one configuration of every listed method per pair."
+        },
+    )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed."})
     lora_lr: Optional[float] = field(
         default=None, metadata={"help": "Regular / structured LoRA learning rate (default: inner_learning_rate)."}

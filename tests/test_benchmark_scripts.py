@@ -63,6 +63,14 @@ def test_set_ablations_name_jobs_and_refuse_unknown_fields() -> None:
         "abmll-prior_b0=1e-06",
         "abmll-outer_step_size=0.1",
         "abmll-weight",
+        "pretrained-outer_step_size=0.1",
+    }
+    assert jobs["pretrained-outer_step_size=0.1"] | {"prune": None} == {
+        **jobs["abmll-outer_step_size=0.1"],
+        "name": "pretrained-outer_step_size=0.1",
+        "method": "pretrained",
+        "samples": [],
+        "prune": None,
     }
     assert jobs["abmll-prior_b0=1e-06"]["config"] == {"prior_b0": 1e-6}
     assert jobs["abmll-outer_step_size=0.1"]["args"] == {"outer_step_size": 0.1}
