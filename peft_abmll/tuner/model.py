@@ -228,7 +228,8 @@ class ABMLLModel(BaseTuner):
         """Median over every adapted entry of ``Delta W`` (all layers) of the posterior's standard deviation.
 
         The one-number width of the posterior: compare it with the config's ``init_std`` to see whether meta-training
-        moved it. Builds each layer's dense ``(d_out, d_in)`` variance in turn (float32).
+        moved it. Holds one float32 per adapted entry of every layer at once (the exact median needs them all):
+        ~24 MB on SmolLM2-135M with q/v/o, several GB on an 8B model — read it on small models or on CPU.
         """
         layers = list(self.abmll_layers_with_adapter(adapter_name))
         if not layers:
