@@ -229,7 +229,7 @@ class ABMLLModel(BaseTuner):
 
         The one-number width of the posterior: compare it with the config's ``init_std`` to see whether meta-training
         moved it. Holds one float32 per adapted entry of every layer at once (the exact median needs them all):
-        ~93 MB on SmolLM2-135M with q/v/o (23 M entries), tens of GB on an 8B model — read it on small models.
+        ~93 MB on SmolLM2-135M with q/v/o (23 M entries), ~5 GB on a Llama-3-8B shape — read it on small models.
         """
         layers = list(self.abmll_layers_with_adapter(adapter_name))
         if not layers:
