@@ -88,7 +88,7 @@ def prune_hidden_units(model: nn.Module, fraction: float) -> int:
     return pruned
 
 
-def median_global_std(model: nn.Module) -> float | None:
+def median_layer_global_std(model: nn.Module) -> float | None:
     """Median over adapted layers of the mean global standard deviation per ``Delta W`` entry (None: not ABMLL)."""
     stds = [moments[1].sqrt().mean().item() for moments in _global_moments(model)]
     return statistics.median(stds) if stds else None
@@ -160,7 +160,7 @@ def run_one(
     else:
         model, unpruned = run_method(*train_args, held_out, margs, config, **resume)
         unpruned["resumed_from_step"] = _checkpoint_step(checkpoint)
-    global_std, mean_rms = median_global_std(model), global_mean_rms(model)
+    global_std, mean_rms = median_layer_global_std(model), global_mean_rms(model)
     encoder = margs.task_encoder(tokenizer)
     records = []
     for prune, samples in evaluations(job):

@@ -342,10 +342,6 @@ def _meta_train(tok, family, tmp_path, steps: int = 40, beta: float = 0.0, **kwa
     return trainer
 
 
-def _median_std(trainer: MetaTrainer) -> float:
-    return trainer.view.tuner.median_posterior_std()
-
-
 @pytest.mark.parametrize("global_update", ["natural", "gradient"])
 def test_wider_family_learns_a_wider_global_std(global_update, tok, shared_rule, disagreeing, tmp_path):
     """Same questions, solutions that agree vs disagree across tasks: the learned width follows (2 seeds).
@@ -355,9 +351,9 @@ def test_wider_family_learns_a_wider_global_std(global_update, tok, shared_rule,
     """
     ratios = []
     for seed in (0, 1):
-        wide = _median_std(_meta_train(tok, disagreeing, tmp_path / "w", global_update=global_update, seed=seed))
-        narrow = _median_std(_meta_train(tok, shared_rule, tmp_path / "n", global_update=global_update, seed=seed))
-        ratios.append(wide / narrow)
+        wide = _meta_train(tok, disagreeing, tmp_path / "w", global_update=global_update, seed=seed).view.tuner
+        narrow = _meta_train(tok, shared_rule, tmp_path / "n", global_update=global_update, seed=seed).view.tuner
+        ratios.append(wide.median_posterior_std() / narrow.median_posterior_std())
     if global_update == "natural":
         assert min(ratios) > 1.5, ratios
     else:
@@ -394,7 +390,7 @@ def test_beta_keeps_the_local_posterior_near_the_global_and_changes_what_is_lear
         kls[beta] = view.tuner.kl_divergence().item() / view.tuner.num_adapted_entries()
     assert kls[1.0] < 0.5 * kls[0.0], kls
     trainers = {beta: _meta_train(tok, disagreeing, tmp_path / str(beta), beta=beta) for beta in (0.0, 1.0)}
-    learned = {beta: _median_std(trainer) for beta, trainer in trainers.items()}
+    learned = {beta: trainer.view.tuner.median_posterior_std() for beta, trainer in trainers.items()}
     assert learned[1.0] < 0.5 * learned[0.0], learned
     # the hyperprior is a weak prior: the KL's part of the variance step outweighs it
     last = [e for e in trainers[1.0].state.log_history if "var_step_kl_per_entry" in e][-1]

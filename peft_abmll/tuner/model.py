@@ -211,11 +211,15 @@ class ABMLLModel(BaseTuner):
                 if name in layer.abmll_global_mean_A:
                     yield layer, name
 
-    def _sum_over_layers(self, method: str, adapter_name: Optional[str]) -> torch.Tensor:
+    def _layers_holding(self, adapter_name: Optional[str]) -> list[tuple[ABMLLLayer, str]]:
+        """`abmll_layers_with_adapter` as a list; an adapter no layer holds is refused."""
         layers = list(self.abmll_layers_with_adapter(adapter_name))
         if not layers:
             raise ValueError(f"No ABMLL layer holds adapter {adapter_name or self.active_adapters}.")
-        return _layer_sum(getattr(layer, method)(name) for layer, name in layers)
+        return layers
+
+    def _sum_over_layers(self, method: str, adapter_name: Optional[str]) -> torch.Tensor:
+        return _layer_sum(getattr(layer, method)(name) for layer, name in self._layers_holding(adapter_name))
 
     def num_adapted_entries(self, adapter_name: Optional[str] = None) -> int:
         """Entries of ``Delta W`` the adapter(s) model, summed over layers (the KL's per-entry denominator)."""
@@ -231,9 +235,7 @@ class ABMLLModel(BaseTuner):
         moved it. Holds one float32 per adapted entry of every layer at once (the exact median needs them all):
         ~93 MB on SmolLM2-135M with q/v/o (23 M entries), ~5 GB on a Llama-3-8B shape — read it on small models.
         """
-        layers = list(self.abmll_layers_with_adapter(adapter_name))
-        if not layers:
-            raise ValueError(f"No ABMLL layer holds adapter {adapter_name or self.active_adapters}.")
+        layers = self._layers_holding(adapter_name)
         stds = [layer.posterior_moments(name, posterior)[1].sqrt().flatten() for layer, name in layers]
         return torch.cat(stds).median().item()
 
