@@ -4,23 +4,33 @@
     python benchmarks/cost_model.py --shapes llama3-8b --seq 512 --reps 1
     python benchmarks/cost_model.py --validate smollm2-135m --shapes   # any subset
 
-A decoder-only model's step costs ``T(n) = a + b * n`` for n decoder layers: embedding, LM head (the real
-vocabulary) and loss are in ``a``, every layer adds the same attention, MLP and adapter work ``b``. So the target
-architecture is built with a few depths (``--depths``, default 1, 2 and 4 layers; random weights, the real
-widths, heads and vocabulary), the line is fit through the timings (least squares), and three things are timed
-on each, in a fresh process, at the paper's settings (rank 8, q/v/o, batch x tokens):
+A decoder-only model's step costs ``T(n) = T(1) + (n - 1) * l`` for n decoder layers: embedding, LM head (the
+real vocabulary), loss and one layer are in ``T(1)``, every further layer adds the same attention, MLP and adapter
+work ``l``. Two ways to get ``l`` (``--fit``):
+
+- ``layer`` (the default): build the 1-layer model and time, besides its whole steps, one decoder layer's training
+  work alone — forward and backward through the layer on hidden states that need gradients (as every layer's
+  input but the first does), the adapter's optimizer step, and for ABMLL the layer's sampled noise and its KL to
+  the global posterior. ``l`` is measured directly, with ``--reps`` repetitions, instead of as the difference of
+  two whole-model timings; the global update is per adapted layer, so ``global(n) = n * global(1)``.
+- ``depth``: build the architecture with a few depths (``--depths``, default 1, 2 and 4) and fit a least-squares
+  line through the whole-step timings.
+
+Every build uses random weights with the real widths, heads, grouped KV and vocabulary. The phases, timed at the
+paper's settings (rank 8, q/v/o, batch x tokens):
 
 - ``lora``: one LoRA training step (forward, backward, AdamW);
 - ``inner``: one ABMLL inner step (sampled forward, NLL + KL, gradients of the local pairs, AdamW);
-- ``global``: ABMLL's global update (the natural-gradient direction of the KL and hyperprior, one SGD step).
+- ``global``: ABMLL's global update (the natural-gradient direction of the KL and hyperprior, one SGD step);
+- ``layer_lora`` / ``layer_inner`` (``--fit layer``): the same two steps restricted to one decoder layer.
 
-LoRA and ABMLL sit on two copies of the same model in one process and the three phases take turns, ``--reps``
-times (medians), so a slow spell of a shared machine hits all of them.
+LoRA and ABMLL sit on two copies of the same model in one process and the phases take turns, ``--reps`` times
+(medians), so a slow spell of a shared machine hits all of them; each build runs in a fresh process.
 
 An episode is K = 5 inner steps and one global update against K LoRA steps, so the predicted ratio is
 ``(K * inner(n) + global(n)) / (K * lora(n))``. ``--validate`` checks the model on sizes that fit here: the same
-three timings on the full-depth model against the prediction from its shallow versions. The same script
-runs unchanged on a GPU (CUDA timings synchronise). Prints a table; writes JSON (``--out``).
+three timings on the full-depth model against the prediction. The same script runs unchanged on a GPU (CUDA
+timings synchronise). Prints a table; writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -78,6 +88,14 @@ def episode_ratio(times: dict[str, float], k: int = K) -> float:
 def predict(by_depth: dict[int, dict[str, float]], layers: int, k: int = K) -> dict[str, float]:
     """Per-phase times of the `layers`-deep model and its episode ratio, from timings at smaller depths."""
     times = {key: extrapolate({d: t[key] for d, t in by_depth.items()}, layers) for key in ("lora", "inner", "global")}
+    return {**times, "episode_ratio": episode_ratio(times, k)}
+
+
+def predict_from_layer(one: dict[str, float], layers: int, k: int = K) -> dict[str, float]:
+    """Per-phase times of the `layers`-deep model from the 1-layer build's timings `one` (with its ``layer_*``
+    phases): ``T(n) = T(1) + (n - 1) * layer`` for the steps, ``n * global(1)`` for the per-layer global update."""
+    times = {key: one[key] + (layers - 1) * one[f"layer_{key}"] for key in ("lora", "inner")}
+    times["global"] = layers * one["global"]
     return {**times, "episode_ratio": episode_ratio(times, k)}
 
 
@@ -154,6 +172,53 @@ def episode_phases(lora: Any, model: Any, batch: dict[str, Any]) -> dict[str, Ca
     return {"lora": lora_step, "inner": inner_step, "global": global_update}
 
 
+def layer_phases(lora: Any, model: Any, batch: dict[str, Any]) -> dict[str, Callable[[], None]]:
+    """One decoder layer's training step alone, for LoRA and for ABMLL's inner step (``layer_lora``,
+    ``layer_inner``): forward and backward through the first decoder layer on hidden states ``(batch, seq, d)``
+    that need gradients, the adapter's AdamW step; ABMLL samples in the layer and adds its KL to the global."""
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    from peft_abmll.algorithms import ABMLLView, make_inner_optimizer
+
+    view = ABMLLView(model)
+
+    def step_of(peft_model: Any, params: list[Any], regularizer: Callable[[], Any]) -> Callable[[], None]:
+        decoder = peft_model.get_base_model().model
+        layer = decoder.layers[0]
+        hidden = torch.randn(*batch["input_ids"].shape, decoder.config.hidden_size, device=batch["input_ids"].device)
+        hidden.requires_grad_(True)
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(
+            config=decoder.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+            position_ids=positions,
+        )  # fmt: skip
+        rotary = decoder.rotary_emb(hidden, position_ids=positions)
+        opt = make_inner_optimizer(params, "adamw", 1e-4)
+
+        def step() -> None:
+            out = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+            loss = out.float().square().mean() + regularizer()
+            grads = torch.autograd.grad(loss, [*params, hidden])
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    lora_params = [p for p in lora.parameters() if p.requires_grad]
+    lora_step = step_of(lora, lora_params, lambda: 0.0)
+    with view.local_mode():
+        inner = step_of(model, view.local_params(), lambda: view.inner_regularizer()[0])
+
+    def inner_step() -> None:
+        with view.local_mode():
+            inner()
+
+    return {"layer_lora": lora_step, "layer_inner": inner_step}
+
+
 def worker(spec: dict[str, Any]) -> dict[str, float]:
     """The three timings of one (shape, depth) in this process: LoRA and ABMLL on two copies of the same model."""
     import torch
@@ -163,15 +228,18 @@ def worker(spec: dict[str, Any]) -> dict[str, float]:
     shape = SHAPES[spec["shape"]]
     lora, model = peft_models(shape, spec["layers"], device)
     ids = torch.randint(0, shape["vocab_size"], (spec["batch"], spec["seq"]), device=device)
-    phases = episode_phases(lora, model, {"input_ids": ids, "labels": ids})
+    batch = {"input_ids": ids, "labels": ids}
+    phases = episode_phases(lora, model, batch)
+    if spec.get("layer_phases"):
+        phases |= layer_phases(lora, model, batch)
     return _interleaved_medians(phases, spec["reps"], device)
 
 
 # ------------------------------------------------------------------------------------------- driver side
-def measure(shape: str, layers: int, args: argparse.Namespace) -> dict[str, float]:
+def measure(shape: str, layers: int, args: argparse.Namespace, layer_phases: bool = False) -> dict[str, float]:
     """The worker's timings, in a fresh interpreter (nothing cached from the previous configuration)."""
     spec = {"shape": shape, "layers": layers, "batch": args.batch, "seq": args.seq, "reps": args.reps}
-    spec["threads"] = args.threads
+    spec |= {"threads": args.threads, "layer_phases": layer_phases}
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
     )
@@ -184,9 +252,13 @@ def measure(shape: str, layers: int, args: argparse.Namespace) -> dict[str, floa
 
 def study(shape: str, args: argparse.Namespace, validate: bool) -> dict[str, Any]:
     layers = SHAPES[shape]["num_hidden_layers"]
-    by_depth = {d: measure(shape, d, args) for d in args.depths if d < layers}
-    row: dict[str, Any] = {"shape": shape, "layers": layers, "by_depth": by_depth}
-    row["predicted"] = predict(by_depth, layers)
+    row: dict[str, Any] = {"shape": shape, "layers": layers, "fit": args.fit}
+    if args.fit == "layer":
+        row["one_layer"] = measure(shape, 1, args, layer_phases=True)
+        row["predicted"] = predict_from_layer(row["one_layer"], layers)
+    else:
+        row["by_depth"] = {d: measure(shape, d, args) for d in args.depths if d < layers}
+        row["predicted"] = predict(row["by_depth"], layers)
     if validate:
         full = measure(shape, layers, args)
         row["measured"] = {**full, "episode_ratio": episode_ratio(full)}
@@ -223,7 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validate", nargs="*", default=list(VALIDATE), choices=list(SHAPES))
     parser.add_argument("--shapes", nargs="*", default=list(PREDICT), choices=list(SHAPES), help="Predict these.")
     parser.add_argument(
-        "--depths", nargs="+", type=int, default=[1, 2, 4], help="Decoder layers of the timed builds (a line is fit)."
+        "--fit", choices=["layer", "depth"], default="layer",
+        help="How the per-layer cost is found: one decoder layer timed alone, or a line through several depths.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--depths", nargs="+", type=int, default=[1, 2, 4], help="--fit depth: decoder layers of the timed builds."
     )
     add_run_options(parser, seq=512)
     parser.add_argument("--out", default="benchmarks/results/cost_model.json")

@@ -421,6 +421,44 @@ def test_cost_model_extrapolates_depth_and_its_worker_times_every_phase(monkeypa
     assert "| tiny | 3 |" in model.table([row])
 
 
+def test_cost_model_from_one_layer_timed_alone(monkeypatch) -> None:
+    model = _load_script("cost_model")
+    one = {"lora": 2.0, "inner": 2.5, "global": 0.1, "layer_lora": 0.5, "layer_inner": 0.75}
+    p = model.predict_from_layer(one, layers=5, k=5)
+    # T(n) = T(1) + (n - 1) * layer; the global update is all per-layer work
+    assert (p["lora"], p["inner"], p["global"]) == (pytest.approx(4.0), pytest.approx(5.5), pytest.approx(0.5))
+    assert p["episode_ratio"] == pytest.approx((5 * 5.5 + 0.5) / (5 * 4.0))
+    for arch in ("llama", "qwen2"):
+        tiny = dict(arch=arch, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=97)  # fmt: skip
+        monkeypatch.setitem(model.SHAPES, "tiny", tiny)
+        spec = {"shape": "tiny", "layers": 1, "batch": 1, "seq": 8, "reps": 1, "threads": 1, "layer_phases": True}
+        times = model.worker(spec)
+        assert set(times) == {"lora", "inner", "global", "layer_lora", "layer_inner"}
+        assert all(t > 0 for t in times.values())
+
+
+def test_cost_model_layer_step_trains_only_that_layer_and_abmll_pays_its_kl() -> None:
+    """The layer phases move the first layer's adapter (LoRA's factors, ABMLL's local pairs, not its global)."""
+    import torch
+
+    model = _load_script("cost_model")
+    tiny = dict(arch="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=97)  # fmt: skip
+    lora, abmll = model.peft_models(tiny, 1, torch.device("cpu"))
+    ids = torch.randint(0, 97, (1, 8))
+    model.episode_phases(lora, abmll, {"input_ids": ids, "labels": ids})  # one inner step: local != global
+    phases = model.layer_phases(lora, abmll, {"input_ids": ids, "labels": ids})
+    lora_before = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
+    abmll_before = {n: p.detach().clone() for n, p in abmll.named_parameters() if "abmll_" in n}
+    phases["layer_lora"]()
+    phases["layer_inner"]()
+    lora_b = [n for n in lora_before if "lora_B" in n]  # B starts at 0, so the first step moves B (A's grad is 0)
+    assert lora_b and all(not torch.equal(dict(lora.named_parameters())[n], lora_before[n]) for n in lora_b)
+    moved = {n for n, p in abmll.named_parameters() if n in abmll_before and not torch.equal(p, abmll_before[n])}
+    assert moved and all("local" in n for n in moved)
+
+
 def test_profile_splits_an_episode_into_its_pieces(monkeypatch, tmp_path, capsys) -> None:
     cost_model = _load_script("cost_model")
     monkeypatch.setitem(sys.modules, "cost_model", cost_model)  # what the profiler script imports
