@@ -30,7 +30,8 @@ LoRA and ABMLL sit on two copies of the same model in one process and the phases
 An episode is K = 5 inner steps and one global update against K LoRA steps, so the predicted ratio is
 ``(K * inner(n) + global(n)) / (K * lora(n))``. ``--validate`` checks the model on sizes that fit here: the same
 three timings on the full-depth model against the prediction. The same script runs unchanged on a GPU (CUDA
-timings synchronise). Prints a table; writes JSON (``--out``).
+timings synchronise; each phase's ``torch.cuda.max_memory_allocated`` above the resident weights is recorded and
+ABMLL's over LoRA's printed). Prints a table; writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -112,22 +113,31 @@ def _build(shape: dict[str, Any], layers: int) -> Any:
 
 
 def _interleaved_medians(fns: dict[str, Any], reps: int, device: Any) -> dict[str, float]:
-    """Median seconds of each function, the functions taking turns (a slow spell of the machine hits them all)."""
+    """Median seconds of each function, the functions taking turns (a slow spell of the machine hits them all).
+
+    On CUDA also ``<name>_peak_mb``: the most memory each function allocated above what was resident before it
+    (``torch.cuda.max_memory_allocated``; activations, gradients and optimizer state, not the weights). On CPU
+    the process's peak resident set is what `benchmarks/cost.py` measures instead."""
     import torch
 
     times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, float] = {}
     for fn in fns.values():
         fn()  # warm-up
     for _ in range(reps):
         for name, fn in fns.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20
+                peaks[f"{name}_peak_mb"] = max(peaks.get(f"{name}_peak_mb", 0.0), peak)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {**{name: statistics.median(values) for name, values in times.items()}, **peaks}
 
 
 def peft_models(shape: dict[str, Any], layers: int, device: Any) -> tuple[Any, Any]:
@@ -265,9 +275,16 @@ def study(shape: str, args: argparse.Namespace, validate: bool) -> dict[str, Any
     return row
 
 
+def peak_memory_ratio(times: dict[str, float]) -> str:
+    """ABMLL inner step's CUDA training memory over LoRA step's ("–" where not measured: CPU)."""
+    if "inner_peak_mb" not in times or not times.get("lora_peak_mb"):
+        return "–"
+    return f"{times['inner_peak_mb'] / times['lora_peak_mb']:.3f}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     header = ["model shape", "layers", "LoRA step (s)", "inner step (s)", "global update (s)", "episode × LoRA"]
-    header += ["measured episode × LoRA", "error"]
+    header += ["measured episode × LoRA", "error", "train memory × LoRA (CUDA)"]
     lines = []
     for r in rows:
         p, m = r["predicted"], r.get("measured")
@@ -277,6 +294,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             line += ["–", "–"]
         else:
             line += [f"{m['episode_ratio']:.3f}", f"{p['episode_ratio'] - m['episode_ratio']:+.3f}"]
+        line.append(peak_memory_ratio(m or r.get("one_layer") or {}))
         lines.append(line)
     return render_table(header, lines, markdown=True)
 

@@ -418,7 +418,9 @@ def test_cost_model_extrapolates_depth_and_its_worker_times_every_phase(monkeypa
     times = model.worker({"shape": "tiny", "layers": 2, "batch": 1, "seq": 8, "reps": 1, "threads": 1})
     assert set(times) == {"lora", "inner", "global"} and all(t > 0 for t in times.values())
     row = {"shape": "tiny", "layers": 3, "predicted": model.predict({1: times, 2: times}, 3)}
-    assert "| tiny | 3 |" in model.table([row])
+    assert "| tiny | 3 |" in model.table([row]) and model.table([row]).rstrip().endswith("| – |")  # no CUDA memory
+    measured = {**times, "episode_ratio": 1.2, "lora_peak_mb": 100.0, "inner_peak_mb": 103.0}
+    assert "| 1.030 |" in model.table([{**row, "measured": measured}])  # CUDA: ABMLL's train memory over LoRA's
 
 
 def test_cost_model_from_one_layer_timed_alone(monkeypatch) -> None:
