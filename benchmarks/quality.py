@@ -408,6 +408,23 @@ def _interval(stat: dict[str, float], signed: bool = False) -> str:
     return f"{fmt.format(stat['value'])} [{fmt.format(stat['low'])}, {fmt.format(stat['high'])}]"
 
 
+def pruning_curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float, float]]]:
+    """Per method, (pruned fraction, macro accuracy, macro ECE) means over the seeds that have pruned records.
+
+    The unpruned point (fraction 0) uses the same seeds as the pruned ones, so a curve never mixes seeds.
+    """
+    curves = {}
+    for method in dict.fromkeys(r["method"] for r in records if r["prune"]):
+        rows = [r for r in records if r["name"] == method or r["name"].startswith(f"{method}-prune")]
+        seeds = {r["seed"] for r in rows if r["prune"]}
+        rows = [r for r in rows if r["seed"] in seeds]
+        curves[method] = [
+            (f, *(statistics.mean(r["macro"][k] for r in rows if r["prune"] == f) for k in ("accuracy", "ece")))
+            for f in sorted({r["prune"] for r in rows})
+        ]
+    return curves
+
+
 def plot_pruning(records: list[dict[str, Any]], path: Path) -> Path:
     """Held-out accuracy and ECE (mean over seeds) against the pruned fraction, one line per method (PNG)."""
     import matplotlib
@@ -416,12 +433,9 @@ def plot_pruning(records: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for method in dict.fromkeys(r["method"] for r in records if r["prune"]):
-        rows = [r for r in records if r["name"] == method or r["name"].startswith(f"{method}-prune")]
-        fractions = sorted({r["prune"] for r in rows})
-        for ax, key in zip(axes, ("accuracy", "ece")):
-            means = [statistics.mean(r["macro"][key] for r in rows if r["prune"] == f) for f in fractions]
-            ax.plot([100 * f for f in fractions], means, marker="o", label=method)
+    for method, points in pruning_curves(records).items():
+        for ax, column in zip(axes, (1, 2)):
+            ax.plot([100 * p[0] for p in points], [p[column] for p in points], marker="o", label=method)
     for ax, key in zip(axes, ("held-out accuracy", "ECE")):
         ax.set_xlabel("hidden units pruned (%)")
         ax.set_ylabel(key)

@@ -95,6 +95,26 @@ def test_summary_table_averages_seeds() -> None:
     assert "resumed" in quality.summarise([resumed]).splitlines()[-1]  # its train time is only part of the run
 
 
+def test_pruning_curve_uses_only_the_seeds_that_were_pruned(tmp_path) -> None:
+    """Seed 0 was never pruned: its unpruned accuracy must not enter the curve's 0 % point."""
+
+    def record(name, seed, prune, acc):
+        metrics = {"accuracy": acc, "ece": acc / 2}
+        return {"name": name, "method": name.split("-")[0], "seed": seed, "prune": prune, "macro": metrics}
+
+    records = [
+        record("abmll", 0, 0.0, 0.9),
+        record("abmll", 1, 0.0, 0.5),
+        record("abmll-prune0.02", 1, 0.02, 0.4),
+        record("abmll-prune0.05", 1, 0.05, 0.3),
+        record("reptile", 1, 0.0, 0.6),  # never pruned: no curve
+    ]
+    curves = quality.pruning_curves(records)
+    assert list(curves) == ["abmll"]
+    assert curves["abmll"] == [(0.0, 0.5, 0.25), (0.02, 0.4, 0.2), (0.05, 0.3, 0.15)]
+    assert quality.plot_pruning(records, tmp_path / "p.png").stat().st_size > 0
+
+
 def test_a_job_argument_overrides_the_command_line_default(tmp_path, monkeypatch) -> None:
     """``--arg outer_step_size=0.1`` wins over ``--outer_step_size`` (it used to raise a duplicate-keyword error)."""
     seen = {}
