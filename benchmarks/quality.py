@@ -295,52 +295,54 @@ def interval_summary(
 
     `kind` ``"pooled"`` computes each metric on all examples together, ``"macro"`` averages it over the
     (seed, task) groups. Examples are resampled within (seed, task) groups. The paired difference to
-    `reference` uses the same seeds' records: their query examples are the same (the split depends on the
-    seed alone), so each configuration is compared with the reference example by example. Records without
-    per-example probabilities (older runs) are left out.
+    `reference` uses the seeds both have: their query examples are the same (the split depends on the seed
+    alone), so each configuration is compared with the reference example by example; a difference over fewer
+    seeds than the row's names them. Records without per-example probabilities (older runs) are left out.
     """
     rows = [r for r in records if "probs" in r and not r["prune"]]
     pooled = {name: _pooled([r for r in rows if r["name"] == name]) for name in dict.fromkeys(r["name"] for r in rows)}
     names = list(METRICS)
     header = ["configuration", "seeds", "n", *names, *(f"Δ {k} vs {reference}" for k in names)]
-    rows = []
-    ref = pooled.get(reference)
+    table = []
     for name, (probs, labels, groups, seeds) in pooled.items():
         cells = [name, str(len(seeds)), str(len(labels))]
         stats = metrics_with_intervals(probs, labels, groups, n_resamples=n_resamples)[kind]
         cells += [_interval(stats[k]) for k in names]
-        if ref is not None and name != reference and seeds == ref[3]:
-            diffs = metrics_with_intervals(probs, labels, groups, other=ref[0], n_resamples=n_resamples)[kind]
-            cells += [_interval(diffs[k], signed=True) for k in names]
-        else:
+        pair = _paired(rows, name, reference) if name != reference else None
+        if pair is None:
             cells += ["–"] * len(names)
-        rows.append(cells)
-    return render_table(header, rows, markdown=True)
+        else:
+            (probs, labels, groups, common), other = pair
+            diffs = metrics_with_intervals(probs, labels, groups, other=other, n_resamples=n_resamples)[kind]
+            note = "" if common == seeds else f" (seeds {','.join(map(str, common))})"
+            cells += [_interval(diffs[k], signed=True) + note for k in names]
+        table.append(cells)
+    return render_table(header, table, markdown=True)
 
 
 def paired_summary(
     records: list[dict[str, Any]], focus: str = "abmll", n_resamples: int = 1000, kind: str = "pooled"
 ) -> str:
-    """`focus` minus every other configuration, example by example on the same seeds, with 95 % intervals.
+    """`focus` minus every other configuration, example by example on the seeds both have, with 95 % intervals.
 
     A difference whose interval excludes zero is marked: ``better`` / ``worse`` for `focus` (lower is better for
     NLL, ECE and Brier).
     """
     rows = [r for r in records if "probs" in r and not r["prune"]]
-    pooled = {name: _pooled([r for r in rows if r["name"] == name]) for name in dict.fromkeys(r["name"] for r in rows)}
-    if focus not in pooled:
+    if not any(r["name"] == focus for r in rows):
         return f"(no records of {focus!r})"
-    probs, labels, groups, seeds = pooled[focus]
     names = list(METRICS)
     header = ["baseline", "seeds", "n", *(f"Δ {k} ({focus} − baseline)" for k in names)]
-    rows = []
-    for name, (other, _, _, other_seeds) in pooled.items():
-        if name == focus or other_seeds != seeds:
+    table = []
+    for name in dict.fromkeys(r["name"] for r in rows if r["name"] != focus):
+        pair = _paired(rows, focus, name)
+        if pair is None:
             continue
+        (probs, labels, groups, seeds), other = pair
         diffs = metrics_with_intervals(probs, labels, groups, other=other, n_resamples=n_resamples)[kind]
         cells = [_interval(diffs[k], signed=True) + _verdict(k, diffs[k]) for k in names]
-        rows.append([name, str(len(seeds)), str(len(labels)), *cells])
-    return render_table(header, rows, markdown=True)
+        table.append([name, str(len(seeds)), str(len(labels)), *cells])
+    return render_table(header, table, markdown=True)
 
 
 def per_task_summary(records: list[dict[str, Any]], n_resamples: int = 1000) -> str:
@@ -401,6 +403,17 @@ def _pooled(
                 groups.extend([r["seed"] * 1000 + t] * result["n"])
             start = stop
     return torch.cat(probs), torch.tensor(labels), groups, [r["seed"] for r in rows]
+
+
+def _paired(
+    rows: list[dict[str, Any]], name: str, other: str
+) -> Optional[tuple[tuple[torch.Tensor, torch.Tensor, list[int], list[int]], torch.Tensor]]:
+    """`name`'s pooled examples and `other`'s probabilities on the seeds both have (same examples), or None."""
+    common = {r["seed"] for r in rows if r["name"] == name} & {r["seed"] for r in rows if r["name"] == other}
+    if not common:
+        return None
+    on = [r for r in rows if r["seed"] in common]
+    return _pooled([r for r in on if r["name"] == name]), _pooled([r for r in on if r["name"] == other])[0]
 
 
 def _interval(stat: dict[str, float], signed: bool = False) -> str:
@@ -485,6 +498,10 @@ class QualityOptions:
     out: str = field(default="benchmarks/results/quality.json", metadata={"help": "Results JSON (resumed)."})
     work_dir: str = field(default="/tmp/abmll-quality", metadata={"help": "Checkpoints and trainer outputs."})
     markdown: bool = field(default=False, metadata={"help": "Print the table as Markdown (for docs/)."})
+    report_only: bool = field(
+        default=False,
+        metadata={"help": "Run nothing: print the tables and plots of what --out holds for these configurations."},
+    )
 
 
 #: This benchmark's settings where they differ from `MetaTrainingArguments`' defaults.
@@ -536,14 +553,13 @@ def save_records(out: Path, new: list[dict[str, Any]], settings: dict[str, Any])
     return records
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    options, base = parse(argv)
+def run_missing(
+    jobs: list[dict[str, Any]], options: QualityOptions, base: MetaTrainingArguments, records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Train and evaluate every (configuration, seed) of `jobs` not yet in `records`; saves each to ``--out``."""
     model_fn, tokenizer = load_causal_lm(options.model)
     tasks = (resolve_tasks(options.train_tasks), resolve_tasks(options.eval_tasks))
-    out = Path(options.out)
-    records = json.loads(out.read_text())["records"] if out.exists() else []
     done = {(r["name"], r["seed"]) for r in records}
-    jobs = only(plan(options), options.only)
     settings = {"options": dataclasses.asdict(options), "arguments": base.to_json_string()}
     for job in jobs:
         for seed in options.seeds:
@@ -552,20 +568,40 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"== {job['name']} seed {seed}", file=sys.stderr, flush=True)
             previous = {r["name"]: r for r in records if r["seed"] == seed}
             new = run_one(job, seed, options, base, tasks, model_fn, tokenizer, done=previous)
-            records = save_records(out, new, settings)
-    wanted = [r for r in records if r["name"] in {name for job in jobs for name in record_names(job)}]
-    print(summarise(wanted, markdown=options.markdown))
+            records = save_records(Path(options.out), new, settings)
+    return records
+
+
+def report(records: list[dict[str, Any]], options: QualityOptions, out: Path) -> None:
+    """Print the tables of `records` (the planned configurations on ``--seeds``) and write the PNG plots."""
+    print(summarise(records, markdown=options.markdown))
     for kind in ("pooled", "macro"):
         print(f"\n{kind.capitalize()} over seeds and tasks, 95 % bootstrap intervals (resampled within seed x task):")
-        print(interval_summary(wanted, kind=kind))
+        print(interval_summary(records, kind=kind))
         print(f"\n{options.focus} minus each baseline ({kind}), paired on the same examples:")
-        print(paired_summary(wanted, focus=options.focus, kind=kind))
+        print(paired_summary(records, focus=options.focus, kind=kind))
     print("\nPer held-out task, pooled over seeds, 95 % bootstrap intervals:")
-    print(per_task_summary(wanted))
-    print(f"\nwrote {out}")
-    print(f"wrote {plot_reliability(wanted, out.with_suffix('.reliability.png'))}")
-    if options.prune:
-        print(f"wrote {plot_pruning(wanted, out.with_suffix('.png'))}")
+    print(per_task_summary(records))
+    print(f"\nwrote {plot_reliability(records, out.with_suffix('.reliability.png'))}")
+    if any(r["prune"] for r in records):
+        print(f"wrote {plot_pruning(records, out.with_suffix('.png'))}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    options, base = parse(argv)
+    out = Path(options.out)
+    records = json.loads(out.read_text())["records"] if out.exists() else []
+    jobs = only(plan(options), options.only)
+    if options.report_only:
+        missing = {(n, s) for job in jobs for n in record_names(job) for s in options.seeds}
+        missing -= {(r["name"], r["seed"]) for r in records}
+        if missing:
+            print(f"--report_only: not in {out} (left out): {sorted(missing)}", file=sys.stderr)
+    else:
+        records = run_missing(jobs, options, base, records)
+        print(f"wrote {out}")
+    names = {name for job in jobs for name in record_names(job)}
+    report([r for r in records if r["name"] in names and r["seed"] in options.seeds], options, out)
 
 
 if __name__ == "__main__":

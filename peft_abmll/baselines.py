@@ -27,6 +27,7 @@ from transformers import Trainer
 
 from .data import EpisodeDataset, prepare_tasks, seeded_torch_rng, unwrap_episode
 from .meta.arguments import MetaTrainingArguments
+from .meta.checkpoints import CheckpointSafetyMixin
 from .meta.trainer import MetaTrainer, _data_seed
 from .tuner.config import ABMLLConfig
 
@@ -71,8 +72,12 @@ class EpisodeBatchDataset(torch.utils.data.Dataset):
         return self._cache[1]["support"][k]
 
 
-class MultiTaskTrainer(Trainer):
-    """A plain `Trainer` over the same support batches as `MetaTrainer` (regular or structured LoRA)."""
+class MultiTaskTrainer(CheckpointSafetyMixin, Trainer):
+    """A plain `Trainer` over the same support batches as `MetaTrainer` (regular or structured LoRA).
+
+    Its checkpoints are complete-or-ignored like `MetaTrainer`'s, so ``resume_from_checkpoint=True`` and
+    `last_complete_checkpoint` find them (an interrupted baseline run resumes instead of starting over).
+    """
 
     args: MetaTrainingArguments
     train_dataset: EpisodeBatchDataset

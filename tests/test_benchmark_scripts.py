@@ -521,3 +521,35 @@ def test_width_script_meta_trains_both_families_and_writes_their_widths(tmp_path
         assert run[family]["spread_rms"] > 0
     assert run["ratio"] == pytest.approx(run["disagreeing"]["global_std"] / run["agreeing"]["global_std"])
     assert "| 0.01 | 0 |" in capsys.readouterr().out
+
+
+def test_paired_tables_compare_on_the_seeds_both_configurations_have() -> None:
+    """A baseline with fewer seeds is still paired with the focus, on the common seeds only (same examples)."""
+    records = [_scored_record("abmll", s, 2.0) for s in (0, 1, 2)] + [_scored_record("lora", s, 2.0) for s in (0, 1)]
+    records += [_scored_record("other", 5, 2.0)]  # no seed in common: no row
+    rows = {
+        line.split(" | ")[0].strip("| "): line for line in quality.paired_summary(records, n_resamples=50).splitlines()
+    }
+    lora = rows["lora"].strip("| ").split(" | ")
+    assert lora[1:3] == ["2", "80"] and lora[3].startswith("+0.000 [+0.000, +0.000]")  # identical on seeds 0-1
+    assert "other" not in rows
+    table = quality.interval_summary(records, reference="lora", n_resamples=50)
+    abmll = next(line for line in table.splitlines() if line.startswith("| abmll "))
+    assert abmll.strip("| ").split(" | ")[1:3] == ["3", "120"] and "(seeds 0,1)" in abmll
+
+
+def test_report_only_prints_the_tables_of_the_asked_seeds_and_runs_nothing(tmp_path, monkeypatch, capsys) -> None:
+    def record(name: str, seed: int) -> dict:
+        macro = {"accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5}
+        extra = {"method": name, "macro": macro, "train_seconds": 1.0, "global_std": None}
+        return {**_scored_record(name, seed, 1.0), **extra}
+
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps({"records": [record(n, s) for n in ("abmll", "reptile") for s in (0, 1, 2)]}))
+    monkeypatch.setattr(quality, "load_causal_lm", lambda *a, **k: pytest.fail("--report_only loaded a model"))
+    flags = ["--out", str(out), "--methods", "abmll", "reptile", "pretrained", "--seeds", "0", "1", "--report_only"]
+    quality.main(flags)
+    printed = capsys.readouterr()
+    assert "| abmll | 2 |" in printed.out and "| reptile | 2 | 80 |" in printed.out  # seed 2 left out
+    assert "('pretrained', 0)" in printed.err  # what is missing is said, not run
+    assert (tmp_path / "q.reliability.png").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from peft_abmll import ABMLLConfig, MetaTrainer, MetaTrainingArguments, TaskEnco
 from peft_abmll.algorithms import ABMLLView, NonFiniteLossError, inner_loop
 from peft_abmll.baselines import METHODS, train_method
 from peft_abmll.data import seeded_torch_rng
+from peft_abmll.meta.checkpoints import last_complete_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +165,37 @@ def test_resume_gives_the_same_global_adapter(tok, family, tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-2"))
     for a, b in zip(full.view.global_params(), resumed.view.global_params()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["regular_lora", "structured_lora"])
+def test_an_interrupted_lora_baseline_resumes_to_the_uninterrupted_adapter(method, tok, family, tmp_path):
+    """The LoRA baselines' checkpoints are marked complete, so ``resume_from_checkpoint=True`` finds them.
+
+    Without the marker `last_complete_checkpoint` saw none, a rerun started over, and the Trainer's rotation
+    deleted the finished run's checkpoint.
+    """
+    save = dict(save_strategy="steps", save_steps=_args(tmp_path).inner_steps)  # a checkpoint per episode
+    full = train_method(method, lambda: tiny_lm(tok), tok, family, _args(tmp_path / "full", max_steps=2, **save))
+    cut = _args(tmp_path / "cut", max_steps=2, **save)
+    train_method(method, lambda: tiny_lm(tok), tok, family, cut, callbacks=[_StopAt(cut.inner_steps)])
+    out = Path(cut.output_dir)
+    assert last_complete_checkpoint(out) == out / f"checkpoint-{cut.inner_steps}"  # after the first episode
+    resumed = train_method(method, lambda: tiny_lm(tok), tok, family, cut, resume_from_checkpoint=True)
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        if "lora_" in name:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert last_complete_checkpoint(out) == out / f"checkpoint-{2 * cut.inner_steps}"
+
+
+class _StopAt(TrainerCallback):
+    """Ends training after optimiser step `step`, as an interruption would (its checkpoint is written first)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+        return control
 
 
 @pytest.mark.parametrize("method", METHODS)
