@@ -424,7 +424,8 @@ def _interval(stat: dict[str, float], signed: bool = False) -> str:
 def pruning_curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float, float]]]:
     """Per method, (pruned fraction, macro accuracy, macro ECE) means over the seeds that have pruned records.
 
-    The unpruned point (fraction 0) uses the same seeds as the pruned ones, so a curve never mixes seeds.
+    The unpruned point (fraction 0) averages only seeds that were pruned at some fraction, never a seed the
+    curve has no pruned record of; each pruned point averages the seeds pruned at that fraction.
     """
     curves = {}
     for method in dict.fromkeys(r["method"] for r in records if r["prune"]):
