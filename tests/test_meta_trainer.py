@@ -180,7 +180,11 @@ def test_an_interrupted_lora_baseline_resumes_to_the_uninterrupted_adapter(metho
     train_method(method, lambda: tiny_lm(tok), tok, family, cut, callbacks=[_StopAt(cut.inner_steps)])
     out = Path(cut.output_dir)
     assert last_complete_checkpoint(out) == out / f"checkpoint-{cut.inner_steps}"  # after the first episode
-    resumed = train_method(method, lambda: tiny_lm(tok), tok, family, cut, resume_from_checkpoint=True)
+    steps = _StopAt(10**9)  # never stops; notes the first step this run takes
+    resumed = train_method(
+        method, lambda: tiny_lm(tok), tok, family, cut, resume_from_checkpoint=True, callbacks=[steps]
+    )
+    assert steps.first == cut.inner_steps + 1  # it starts at the second episode (a restart from 0 would match `full`)
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
         if "lora_" in name:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
@@ -191,10 +195,12 @@ class _StopAt(TrainerCallback):
     """Ends training after optimiser step `step`, as an interruption would (its checkpoint is written first)."""
 
     def __init__(self, step: int) -> None:
-        self.step = step
+        self.step, self.first = step, None
 
     def on_step_end(self, args, state, control, **kwargs):
-        control.should_training_stop = state.global_step >= self.step
+        self.first = self.first or state.global_step
+        if state.global_step >= self.step:  # only ever set: the Trainer's own stop at max_steps must stand
+            control.should_training_stop = True
         return control
 
 
