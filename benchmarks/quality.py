@@ -18,7 +18,9 @@ runs the same adaptation protocol. ``--set KEY=VALUE`` adds one ABMLL configurat
 field (``reptile-inner_learning_rate=0.001``; what the field means for a LoRA baseline is `train_method`'s); ABMLL
 records also hold the median global standard deviation after training. ``--num-samples S`` averages S posterior
 samples at prediction (ABMLL; 1 = the posterior mean); ``--samples 4 8`` evaluates every trained ABMLL model
-once more per S (records ``abmll-S4``, ...), on the same examples.
+once more per S (records ``abmll-S4``, ...), on the same examples. ``--test_shots 2`` evaluates every trained
+model once more with 2 solved support examples in front of each prompt, at test time only (records
+``reptile-test_shots2``, ...); ``--num_shots 2`` (or the ``shots2`` variant) puts them in training as well.
 
 The options are `QualityOptions` plus every `MetaTrainingArguments` field (``--learning_rate``, ``--outer_step_size``,
 ``--answer_format``, ``--num_shots``, aliases such as ``--steps`` / ``--inner-lr``), parsed by `HfArgumentParser`
@@ -163,25 +165,28 @@ def run_one(
     global_std, mean_rms = median_layer_global_std(model), global_mean_rms(model)
     encoder = margs.task_encoder(tokenizer)
     records = []
-    for prune, samples in evaluations(job):
-        if record_name(job["name"], prune, samples) in done:
+    for prune, samples, shots in evaluations(job):
+        if record_name(job["name"], prune, samples, shots) in done:
             continue
         result = unpruned
-        if prune or samples:
+        if prune or samples or shots:
             start = time.perf_counter()
             protocol = margs.evaluation_protocol()
-            protocol = dataclasses.replace(protocol, num_samples=samples or protocol.num_samples)
+            protocol = dataclasses.replace(
+                protocol, num_samples=samples or protocol.num_samples, num_shots=shots or protocol.num_shots
+            )
             with pruned(model, prune) if prune else nullcontext():
                 show = not margs.disable_tqdm
                 result = evaluate_tasks(model, held_out, encoder=encoder, protocol=protocol, progress=show)
             result["eval_seconds"] = time.perf_counter() - start
         records.append(
             {
-                "name": record_name(job["name"], prune, samples),
+                "name": record_name(job["name"], prune, samples, shots),
                 "method": job["method"],
                 "seed": seed,
                 "prune": prune,
                 "samples": samples or None,  # posterior samples averaged per prediction (None: the default)
+                "test_shots": shots or None,  # in-context examples added at test time only (None: as trained)
                 "macro": result["macro"],
                 "pooled": result["pooled"],
                 "per_task": result["per_task"],
@@ -241,6 +246,7 @@ def plan(args: QualityOptions) -> list[dict[str, Any]]:
     for job in jobs:
         job.setdefault("prune", [0.0])
         job["samples"] = list(args.samples or []) if job["method"] == "abmll" else []
+        job["test_shots"] = list(args.test_shots or [])
     return jobs
 
 
@@ -253,18 +259,22 @@ def only(jobs: list[dict[str, Any]], names: Optional[list[str]]) -> list[dict[st
     return [job for job in jobs if not names or job["name"] in names]
 
 
-def evaluations(job: dict[str, Any]) -> list[tuple[float, int]]:
-    """(pruned fraction, posterior samples; 0 = the default) of every evaluation of one trained model."""
-    return [(p, 0) for p in job["prune"]] + [(0.0, n) for n in job.get("samples", [])]
+def evaluations(job: dict[str, Any]) -> list[tuple[float, int, int]]:
+    """(pruned fraction, posterior samples, test-time in-context examples; 0 = as trained) of every evaluation
+    of one trained model."""
+    shots = [(0.0, 0, k) for k in job.get("test_shots", [])]
+    return [(p, 0, 0) for p in job["prune"]] + [(0.0, n, 0) for n in job.get("samples", [])] + shots
 
 
-def record_name(name: str, prune: float, samples: int) -> str:
-    """``abmll``, ``abmll-prune0.3``, ``abmll-S8``: one record per evaluation of a configuration."""
-    return name + (f"-prune{prune:g}" if prune else "") + (f"-S{samples}" if samples else "")
+def record_name(name: str, prune: float, samples: int, shots: int = 0) -> str:
+    """``abmll``, ``abmll-prune0.3``, ``abmll-S8``, ``abmll-test_shots2``: one record per evaluation of a
+    configuration."""
+    suffixes = (f"-prune{prune:g}" if prune else "", f"-S{samples}" if samples else "")
+    return name + "".join(suffixes) + (f"-test_shots{shots}" if shots else "")
 
 
 def record_names(job: dict[str, Any]) -> list[str]:
-    return [record_name(job["name"], p, n) for p, n in evaluations(job)]
+    return [record_name(job["name"], *evaluation) for evaluation in evaluations(job)]
 
 
 def summarise(records: list[dict[str, Any]], markdown: bool = False) -> str:
@@ -478,6 +488,13 @@ class QualityOptions:
     samples: Optional[list[int]] = field(
         default=None,
         metadata={"help": "Also evaluate every trained ABMLL model averaging S posterior samples (one record per S)."},
+    )
+    test_shots: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": "Also evaluate every trained model with K solved support examples in front of each prompt, at "
+            "test time only (one record per K; --num_shots puts them in training as well)."
+        },
     )
     set: Optional[list[str]] = field(default=None, metadata={"help": "ABMLLConfig ablations, FIELD=VALUE."})
     arg: Optional[list[str]] = field(

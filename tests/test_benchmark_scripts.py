@@ -70,6 +70,7 @@ def test_set_ablations_name_jobs_and_refuse_unknown_fields() -> None:
         "name": "pretrained-outer_step_size=0.1",
         "method": "pretrained",
         "samples": [],
+        "test_shots": [],
         "prune": None,
     }
     assert jobs["abmll-prior_b0=1e-06"]["config"] == {"prior_b0": 1e-6}
@@ -177,6 +178,32 @@ def test_samples_evaluate_each_trained_abmll_model_again_with_s_posterior_sample
     records = quality.run_one(jobs["abmll"], 0, options, base, (None, None), None, None)
     assert [(r["name"], r["samples"]) for r in records] == [("abmll", None), ("abmll-S4", 4)]
     assert seen == [4]  # the default evaluation is run_method's own; S = 4 is one more
+
+
+def test_test_shots_evaluate_every_trained_model_again_with_in_context_examples(tmp_path, monkeypatch) -> None:
+    """``--test_shots 2``: the training's own evaluation (no examples in the prompt), then one with 2 solved
+    support examples in front of each prompt; every method gets it, and the record says so."""
+    seen = []
+    result = {"macro": {}, "pooled": {}, "per_task": {}, "probs": [], "labels": [], "eval_seconds": 0.0}
+    monkeypatch.setattr(quality, "run_method", lambda *a, **k: (torch.nn.Linear(1, 1), {**result, "train_seconds": 1}))
+    monkeypatch.setattr(
+        quality,
+        "evaluate_tasks",
+        lambda *a, protocol, **k: seen.append((protocol.num_shots, protocol.num_samples)) or result,
+    )
+    monkeypatch.setattr(quality.MetaTrainingArguments, "task_encoder", lambda self, tok: None)
+    flags = ["--work_dir", str(tmp_path), "--test_shots", "2", "--samples", "4", "--methods", "abmll", "reptile"]
+    options, base = quality.parse(flags)
+    jobs = {job["name"]: job for job in quality.plan(options)}
+    assert quality.record_names(jobs["abmll"]) == ["abmll", "abmll-S4", "abmll-test_shots2"]
+    assert quality.record_names(jobs["reptile"]) == ["reptile", "reptile-test_shots2"]
+    records = quality.run_one(jobs["reptile"], 0, options, base, (None, None), None, None)
+    assert [(r["name"], r["test_shots"]) for r in records] == [("reptile", None), ("reptile-test_shots2", 2)]
+    assert seen == [(2, None)]  # the default evaluation is run_method's own; one more with the examples
+    options, base = quality.parse([*flags, "--num_shots", "1"])  # trained with 1 example: the default keeps it
+    seen.clear()
+    quality.run_one(jobs["abmll"], 0, options, base, (None, None), None, None)
+    assert seen == [(1, 4), (2, None)]
 
 
 def test_a_rerun_with_more_evaluations_reloads_the_model_and_runs_only_the_new_ones(tmp_path, monkeypatch) -> None:
