@@ -336,9 +336,11 @@ def paired_summary(
     """`focus` minus every other configuration, example by example on the seeds both have, with 95 % intervals.
 
     A difference whose interval excludes zero is marked: ``better`` / ``worse`` for `focus` (lower is better for
-    NLL, ECE and Brier).
+    NLL, ECE and Brier). A pruned `focus` (``abmll-prune0.02``) is compared with the unpruned configurations and
+    with those pruned by the same fraction; an unpruned one with the unpruned configurations only.
     """
-    rows = [r for r in records if "probs" in r and not r["prune"]]
+    fraction = next((r["prune"] for r in records if r["name"] == focus), 0.0)
+    rows = [r for r in records if "probs" in r and r["prune"] in (0.0, fraction)]
     if not any(r["name"] == focus for r in rows):
         return f"(no records of {focus!r})"
     names = list(METRICS)

@@ -565,6 +565,23 @@ def test_paired_tables_compare_on_the_seeds_both_configurations_have() -> None:
     assert abmll.strip("| ").split(" | ")[1:3] == ["3", "120"] and "(seeds 0,1)" in abmll
 
 
+def test_a_pruned_focus_is_paired_with_the_same_fraction_and_the_unpruned_models() -> None:
+    """``--focus abmll-prune0.02``: rows for the unpruned models and those pruned by 2 %, none pruned otherwise."""
+    records = [_scored_record(n, 0, 2.0) for n in ("abmll", "lora")]
+    records += [
+        {**_scored_record(f"{n}-prune{f:g}", 0, 0.0), "prune": f} for n in ("abmll", "lora") for f in (0.02, 0.1)
+    ]
+    rows = {
+        line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")
+        for line in quality.paired_summary(records, focus="abmll-prune0.02", n_resamples=50).splitlines()[2:]
+    }
+    assert set(rows) == {"abmll", "lora", "lora-prune0.02"}
+    assert rows["lora-prune0.02"][3].startswith("+0.000 [+0.000, +0.000]")  # same logits: identical
+    assert rows["abmll"][3].endswith("worse")  # the pruned record has no signal left
+    unpruned = quality.paired_summary(records, focus="abmll", n_resamples=50).splitlines()[2:]
+    assert [line.split(" | ")[0].strip("| ") for line in unpruned] == ["lora"]
+
+
 def test_report_only_prints_the_tables_of_the_asked_seeds_and_runs_nothing(tmp_path, monkeypatch, capsys) -> None:
     def record(name: str, seed: int) -> dict:
         macro = {"accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5}
