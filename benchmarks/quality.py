@@ -269,8 +269,9 @@ def evaluations(job: dict[str, Any]) -> list[tuple[float, int, int]]:
 def record_name(name: str, prune: float, samples: int, shots: int = 0) -> str:
     """``abmll``, ``abmll-prune0.3``, ``abmll-S8``, ``abmll-test_shots2``: one record per evaluation of a
     configuration."""
-    suffixes = (f"-prune{prune:g}" if prune else "", f"-S{samples}" if samples else "")
-    return name + "".join(suffixes) + (f"-test_shots{shots}" if shots else "")
+    return name + "".join(
+        (f"-prune{prune:g}" if prune else "", f"-S{samples}" if samples else "", f"-test_shots{shots}" if shots else "")
+    )
 
 
 def record_names(job: dict[str, Any]) -> list[str]:
