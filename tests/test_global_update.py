@@ -461,6 +461,22 @@ def test_adapter_saved_before_kl_reduction_keeps_its_summed_beta(tok, tmp_path):
     assert loaded.peft_config["default"].beta == 1e-7
 
 
+def test_a_beta_scaled_to_the_adapter_size_is_used_and_saved(tok, tmp_path):
+    """The README's recipe ``beta = 1e-5 * N`` (the paper's summed-KL weight): set on the wrapped model's config,
+    the meta-learning view weighs the inner KL with it and the saved adapter carries it."""
+    from peft import PeftModel
+
+    model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+    n = model.base_model.num_adapted_entries()
+    assert n == sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "abmll_global_mean_A"))
+    model.peft_config["default"].beta = 1e-5 * n
+    assert ABMLLView(model).beta == pytest.approx(1e-5 * n)
+    assert ABMLLView(model, beta=2.0).beta == 2.0  # MetaTrainingArguments.beta still overrides for one run
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_lm(tok), tmp_path)
+    assert loaded.peft_config["default"].beta == pytest.approx(1e-5 * n)
+
+
 def test_bad_global_update_settings_are_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"prior_a0 > 1"):
         ABMLLConfig(prior_a0=1.0)  # prior_b0=None puts the mode at init_std, which needs a0 > 1
