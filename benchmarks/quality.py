@@ -57,6 +57,11 @@ from peft_abmll.tables import render_table
 from peft_abmll.tuner.config import ABMLLConfig
 from peft_abmll.tuner.layer import ABMLLLayer
 
+#: ABMLL's beta in every configuration that does not set one (``--beta``, ``--set beta=...``). The records named
+#: ``abmll``, ``abmll-prune0.02``, ``abmll-S4``, ... were measured at beta 1, the package default before the
+#: size-scaled one; pinned so that a rerun resumes them. ``--beta 232`` is the size-scaled default on SmolLM2-135M.
+RECORDED_BETA = 1.0
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "softplus": {"config": {"scale_type": "softplus", "sampling": "weight"}},
     "weight": {"config": {"sampling": "weight"}},
@@ -244,6 +249,8 @@ def plan(args: QualityOptions) -> list[dict[str, Any]]:
         spec = VARIANTS[variant]
         jobs.append({"name": f"abmll-{variant}", "method": "abmll", **{"config": {}, "args": {}, **spec}})
     for job in jobs:
+        if job["method"] == "abmll":
+            job["config"] = {"beta": RECORDED_BETA, **job["config"]}
         job.setdefault("prune", [0.0])
         job["samples"] = list(args.samples or []) if job["method"] == "abmll" else []
         job["test_shots"] = list(args.test_shots or [])

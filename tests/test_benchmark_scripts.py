@@ -69,11 +69,18 @@ def test_set_ablations_name_jobs_and_refuse_unknown_fields() -> None:
         **jobs["abmll-outer_step_size=0.1"],
         "name": "pretrained-outer_step_size=0.1",
         "method": "pretrained",
+        "config": {},
         "samples": [],
         "test_shots": [],
         "prune": None,
     }
-    assert jobs["abmll-prior_b0=1e-06"]["config"] == {"prior_b0": 1e-6}
+    # ABMLL records without a beta of their own stay at the beta they were measured with (1), --beta sets it
+    assert jobs["abmll-prior_b0=1e-06"]["config"] == {"beta": quality.RECORDED_BETA, "prior_b0": 1e-6}
+    assert jobs["abmll"]["config"] == {"beta": 1.0}
+    assert jobs["abmll-weight"]["config"] == {"beta": 1.0, "sampling": "weight"}
+    (sized,) = quality.only(quality.plan(quality.parse(["--methods", "abmll", "--beta", "232"])[0]), ["abmll-beta232"])
+    assert sized["config"] == {"beta": 232.0}
+    assert jobs["pretrained"]["config"] == {}
     assert jobs["abmll-outer_step_size=0.1"]["args"] == {"outer_step_size": 0.1}
     assert quality.parse_argument("global_update=gradient") == ("global_update", "gradient")
     with pytest.raises(argparse.ArgumentTypeError, match="MetaTrainingArguments field"):

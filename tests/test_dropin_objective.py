@@ -15,6 +15,7 @@ import peft_abmll
 from peft_abmll import ABMLLConfig, ABMLLLayer, TaskEncoder, VariationalLossCallback
 from peft_abmll.bayes import max_log_prior_per_entry
 from peft_abmll.data import prepare_tasks, seeded_torch_rng
+from peft_abmll.tuner.config import size_scaled_beta
 
 
 def _model(tok, task_type=None, **config):
@@ -45,7 +46,9 @@ def test_training_loss_adds_the_hyperprior_of_the_trained_global_posterior(tok, 
     config = tuner.abmll_config()
     entries = tuner.num_adapted_entries()
     peak = entries * max_log_prior_per_entry(config.prior_mean_std, config.prior_a0, config.gamma_rate)
-    expected = nll + (peak - tuner.log_prior()) / entries  # beta 1, "mean"
+    assert config.beta == size_scaled_beta(entries)  # beta=None: the inner KL's weight set from the size ...
+    assert config.training_loss_weight == config.loss_beta == 1.0  # ... the model's own loss: one nat per entry
+    expected = nll + (peak - tuner.log_prior()) / entries  # "mean"
     torch.testing.assert_close(_loss(model, batch), expected)
     model.eval()
     with seeded_torch_rng(1):

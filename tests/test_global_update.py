@@ -26,6 +26,7 @@ from peft_abmll.baselines import METHODS, train_method
 from peft_abmll.bayes import closed_form_global_moments, global_variance_direction
 from peft_abmll.fused import ScaleSpec, _block_moments, _prescaled
 from peft_abmll.global_update import HyperPrior, abmll_direction
+from peft_abmll.tuner.config import BETA_FULL_SIZE, size_scaled_beta
 
 # ------------------------------------------------------------------------------------------- pure functions
 PRIOR = HyperPrior(weight=0.2, a0=1.5, b0=0.5 * 2e-3**2, mean_std=1.0)
@@ -461,20 +462,60 @@ def test_adapter_saved_before_kl_reduction_keeps_its_summed_beta(tok, tmp_path):
     assert loaded.peft_config["default"].beta == 1e-7
 
 
-def test_a_beta_scaled_to_the_adapter_size_is_used_and_saved(tok, tmp_path):
-    """The README's recipe ``beta = 1e-5 * N`` (the paper's summed-KL weight): set on the wrapped model's config,
-    the meta-learning view weighs the inner KL with it and the saved adapter carries it."""
+def test_size_scaled_beta_is_the_papers_summed_weight_up_to_smollm2_size() -> None:
+    """``beta=None`` means 1e-5 per entry of a summed KL up to SmolLM2-135M's 23.2 M entries (232 there), then 232."""
+    smollm2 = 30 * (576 * 576 + 576 * 192 + 576 * 576)  # q, v (3 kv heads of 64), o on 30 layers
+    assert smollm2 == BETA_FULL_SIZE
+    assert size_scaled_beta(smollm2) == pytest.approx(232.2432)  # the benchmark's measured --beta 232
+    assert size_scaled_beta(5120) == pytest.approx(0.0512)
+    assert size_scaled_beta(10 * smollm2) == pytest.approx(232.2432)  # constant beyond: ~ the paper's 8B choice
+    for n in (5120, smollm2, 10 * smollm2):  # 'sum' weighs the summed KL: the same pull per entry
+        assert size_scaled_beta(n, "sum") * n == pytest.approx(size_scaled_beta(n))
+    with pytest.raises(ValueError, match="at least one entry"):
+        size_scaled_beta(0)
+
+
+def test_beta_none_is_set_from_the_adapter_size_when_built_and_saved(tok, tmp_path):
+    """Each adapter gets ``size_scaled_beta`` of its own entries at injection; the saved config carries the number,
+    an explicit beta is left alone, and the meta-learning view and the model's own loss use it."""
+    from peft import PeftModel
+
+    config = ABMLLConfig()
+    assert config.beta is None
+    model = get_peft_model(tiny_lm(tok), config)
+    n = model.base_model.num_adapted_entries()
+    assert n == sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "abmll_global_mean_A"))
+    assert model.peft_config["default"].beta == size_scaled_beta(n)
+    assert ABMLLView(model).beta == size_scaled_beta(n)
+    assert model.peft_config["default"].training_loss_weight == 1.0  # plain Trainer: one nat per entry, as measured
+    assert ABMLLView(model, beta=2.0).beta == 2.0  # MetaTrainingArguments.beta still overrides for one run
+    model.add_adapter("q_only", ABMLLConfig(target_modules=["q_proj"], kl_reduction="sum"))
+    n_q = model.base_model.num_adapted_entries("q_only")
+    assert n_q < n and model.peft_config["q_only"].beta == pytest.approx(size_scaled_beta(n_q, "sum"))
+    assert model.peft_config["q_only"].loss_beta == pytest.approx(1.0 / n_q)  # the same nat per entry, summed
+    model.add_adapter("fixed", ABMLLConfig(beta=0.5))
+    assert model.peft_config["fixed"].beta == model.peft_config["fixed"].training_loss_weight == 0.5  # left alone
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_lm(tok), tmp_path)
+    assert loaded.peft_config["default"].beta == size_scaled_beta(n)
+    assert loaded.peft_config["default"].loss_beta == 1.0
+    loaded.peft_config["default"].beta = loaded.peft_config["default"].loss_beta = None  # a path past injection
+    assert ABMLLView(loaded).beta == size_scaled_beta(n) and loaded.peft_config["default"].loss_beta == 1.0
+    with pytest.raises(ValueError, match="build it first"):
+        _ = ABMLLConfig().training_loss_weight
+
+
+def test_a_beta_set_on_the_wrapped_config_is_used_and_saved(tok, tmp_path):
+    """A beta set on the wrapped model's config (the paper's 1e-7 on a summed KL, say): the meta-learning view
+    weighs the inner KL with it and the saved adapter carries it."""
     from peft import PeftModel
 
     model = get_peft_model(tiny_lm(tok), ABMLLConfig())
-    n = model.base_model.num_adapted_entries()
-    assert n == sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "abmll_global_mean_A"))
-    model.peft_config["default"].beta = 1e-5 * n
-    assert ABMLLView(model).beta == pytest.approx(1e-5 * n)
-    assert ABMLLView(model, beta=2.0).beta == 2.0  # MetaTrainingArguments.beta still overrides for one run
+    model.peft_config["default"].beta = 0.5
+    assert ABMLLView(model).beta == 0.5
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_lm(tok), tmp_path)
-    assert loaded.peft_config["default"].beta == pytest.approx(1e-5 * n)
+    assert loaded.peft_config["default"].beta == 0.5
 
 
 def test_bad_global_update_settings_are_refused_with_the_fix(tmp_path):

@@ -18,6 +18,7 @@ from peft_abmll.algorithms import ABMLLView, NonFiniteLossError, inner_loop
 from peft_abmll.baselines import METHODS, train_method
 from peft_abmll.data import seeded_torch_rng
 from peft_abmll.meta.checkpoints import last_complete_checkpoint
+from peft_abmll.tuner.config import BETA_FULL_SIZE, BETA_PER_ENTRY, size_scaled_beta
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_inner_loop_optimizer_matches_the_plain_torch_one(tok, family, optimizer
                 lambda ps, name, lr, wd=0.0: classes[name](ps, lr=lr, weight_decay=wd),
             )
         with seeded_torch_rng(0, 1):  # the same model and the same noise draws in both runs
-            model = get_peft_model(tiny_lm(tok), ABMLLConfig())
+            model = get_peft_model(tiny_lm(tok), ABMLLConfig(beta=1.0))
             view = ABMLLView(model)
             model.train()
             with view.local_mode():
@@ -145,16 +146,25 @@ def test_global_mean_moves_toward_adapted_local_mean(tok, family, tmp_path):
     assert distance() < before
 
 
-def test_meta_training_beats_untrained_on_held_out_tasks(tok, family, held_out, tmp_path):
+@pytest.mark.parametrize("beta", [None, BETA_FULL_SIZE * BETA_PER_ENTRY], ids=["size-scaled", "smollm2-weight"])
+def test_meta_training_beats_untrained_on_held_out_tasks(tok, family, held_out, tmp_path, beta):
+    """The default beta (set from the adapter's size: 0.05 on this 5k-entry model) lets meta-training learn the
+    family's rule; the control, SmolLM2-135M's weight of 232 on this toy model, pins every task to the global
+    posterior and learns nothing -- the test can fail, and a size-blind default would."""
     # a small test-time learning rate: 5 steps alone cannot learn the family's rule, meta-training must
     kwargs = dict(encoder=TaskEncoder(tok, answer_format="letter"), support_batches=5, lr=1e-4, max_query=12, seed=0)
     untrained = get_peft_model(tiny_lm(tok), ABMLLConfig())
     before = peft_abmll.evaluate_tasks(untrained, held_out, **kwargs)["macro"]
-    trainer = _trainer(tok, family, tmp_path, max_steps=24, learning_rate=3e-2)
+    trainer = _trainer(tok, family, tmp_path, config=ABMLLConfig(beta=beta), max_steps=24, learning_rate=3e-2)
+    entries = trainer.model.base_model.num_adapted_entries()
+    assert trainer.view.beta == (size_scaled_beta(entries) if beta is None else beta)
     trainer.train()
     after = peft_abmll.evaluate_tasks(trainer.model, held_out, **kwargs)["macro"]
-    assert after["accuracy"] > before["accuracy"] + 0.2
-    assert after["nll"] < before["nll"]
+    if beta is None:
+        assert after["accuracy"] > before["accuracy"] + 0.2
+        assert after["nll"] < before["nll"]
+    else:
+        assert after["accuracy"] < before["accuracy"] + 0.1
 
 
 def test_resume_gives_the_same_global_adapter(tok, family, tmp_path):

@@ -20,6 +20,25 @@ PREDICTIVE_MODES = ("mean", "sample")
 POSTERIORS = ("global", "local")
 BIAS_MODES = ("none", "all", "abmll_only")
 KL_REDUCTIONS = ("mean", "sum")
+#: The size-scaled default of `ABMLLConfig.beta`: this weight per entry of a *summed* KL (the paper's tempering,
+#: measured best on SmolLM2-135M, docs/benchmarks.md) ...
+BETA_PER_ENTRY = 1e-5
+#: ... for up to this many adapted entries (SmolLM2-135M with q/v/o: beta 232 per entry of an averaged KL); larger
+#: adapters keep 232 per entry, near the paper's choice on Llama-3-8B (1e-7 summed over ~1.2e9 entries ~ 120).
+BETA_FULL_SIZE = 23_224_320
+
+
+def size_scaled_beta(num_adapted_entries: int, kl_reduction: str = "mean") -> float:
+    """The default ``beta`` for an adapter with ``num_adapted_entries`` entries of ``Delta W``.
+
+    ``1e-5 * min(N, 23.2e6)`` for a KL averaged per entry (``kl_reduction='mean'``): the paper's ``beta = 1e-5``
+    on a summed KL up to SmolLM2-135M's size (232 there), constant beyond. The same pull for ``'sum'``: divided
+    by N. Small adapters get a small weight: a 5k-entry toy model gets 0.05, which leaves its tasks room to move.
+    """
+    if num_adapted_entries <= 0:
+        raise ValueError(f"num_adapted_entries={num_adapted_entries}: the adapter must hold at least one entry.")
+    mean_beta = BETA_PER_ENTRY * min(num_adapted_entries, BETA_FULL_SIZE)
+    return mean_beta if kl_reduction == "mean" else mean_beta / num_adapted_entries
 
 
 @dataclass
@@ -136,12 +155,14 @@ class ABMLLConfig(PeftConfig):
             "makes the KL and prior terms huge (they scale with 1/std^2); too large adds noise to every forward pass."
         },
     )
-    beta: float = field(
-        default=1.0,
+    beta: Optional[float] = field(
+        default=None,
         metadata={
             "help": "Weight of KL(local || global) next to the data loss (a per-token mean NLL). With "
-            "kl_reduction='mean' (the default) the KL is averaged over the adapted weight entries, so a beta keeps its "
-            "meaning from a 100M to an 8B model; with 'sum' it is summed as in the paper (which uses 1e-7 there)."
+            "kl_reduction='mean' (the default) the KL is averaged over the adapted weight entries N; with 'sum' it is "
+            "summed as in the paper (which uses 1e-7 on an 8B model). None (default): set from the adapter's size "
+            "when the model is built, 1e-5 * min(N, 23.2e6) per entry (232 on SmolLM2-135M with q/v/o, the value "
+            "measured best there; 0.05 on a 5k-entry toy model), and saved with the adapter."
         },
     )
     kl_reduction: Literal["mean", "sum"] = field(
@@ -158,8 +179,9 @@ class ABMLLConfig(PeftConfig):
             "help": "Weight of the variational terms the model adds to its own training loss outside MetaTrainer (a "
             "plain Trainer, TRL's SFTTrainer, a hand-written loop), like transformers' auxiliary MoE losses: "
             "KL(local || global) when the local posterior trains, -log p(global) (the hyperprior) when the global "
-            "one trains, reduced per kl_reduction. None (default): beta; 0: NLL only (a noisy LoRA). MetaTrainer and "
-            "`peft_abmll.adapt` add their own terms and switch this off while they run."
+            "one trains, reduced per kl_reduction. None (default): beta when beta is given; with beta=None, one nat "
+            "per adapted entry (1.0 with kl_reduction='mean'), set when the model is built. 0: NLL only (noisy LoRA). "
+            "MetaTrainer and `peft_abmll.adapt` add their own terms and switch this off while they run."
         },
     )
     prior_a0: float = field(
@@ -288,7 +310,10 @@ class ABMLLConfig(PeftConfig):
     @property
     def training_loss_weight(self) -> float:
         """The weight of the variational terms in the model's own loss: `loss_beta`, else `beta`."""
-        return self.beta if self.loss_beta is None else self.loss_beta
+        weight = self.beta if self.loss_beta is None else self.loss_beta
+        if weight is None:
+            raise ValueError("beta=None is set from the adapter's size when the model is built; build it first.")
+        return weight
 
     @property
     def gamma_rate(self) -> float:
@@ -327,7 +352,12 @@ class ABMLLConfig(PeftConfig):
             self.init_std,
             f"a positive std larger than scale_floor={self.scale_floor}, e.g. 1e-3",
         )
-        _require(_finite(self.beta) and self.beta >= 0, "beta", self.beta, "a non-negative weight, e.g. 1e-7")
+        _require(
+            self.beta is None or (_finite(self.beta) and self.beta >= 0),
+            "beta",
+            self.beta,
+            "None (set from the adapter's size) or a non-negative weight, e.g. 1.0",
+        )
         _require(
             self.loss_beta is None or (_finite(self.loss_beta) and self.loss_beta >= 0),
             "loss_beta",

@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import bayes
 from ..peft_type import PREFIX
-from .config import ABMLLConfig
+from .config import ABMLLConfig, size_scaled_beta
 from .layer import ABMLLLayer, Linear
 
 logger = logging.getLogger("peft_abmll")
@@ -192,6 +192,8 @@ class ABMLLModel(BaseTuner):
         config = self.peft_config[name]
         if not isinstance(config, ABMLLConfig):
             raise TypeError(f"Adapter {name!r} has a {type(config).__name__}, not an ABMLLConfig.")
+        if config.beta is None:  # an adapter added by a path that skipped `inject_adapter`
+            self._set_size_scaled_weights(name)
         return config
 
     def _abmll_layers(self, model: Optional[nn.Module] = None) -> Iterator[ABMLLLayer]:
@@ -243,6 +245,29 @@ class ABMLLModel(BaseTuner):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's forward, called through ``__call__`` so that the loss hook runs on every path."""
         return self.model(*args, **kwargs)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection, then the weights left to the adapter's size set (`_set_size_scaled_weights`)."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._set_size_scaled_weights(adapter_name)
+
+    def _set_size_scaled_weights(self, adapter_name: str) -> None:
+        """``beta=None`` -> `size_scaled_beta` of the adapter's entries (the inner loop's KL weight), written into
+        its config and so saved; with it, ``loss_beta=None`` -> one nat per adapted entry (1.0 for a KL averaged per
+        entry, 1/N for a summed one), the weight of the model's own loss that the drop-in benchmark measured."""
+        config = self.peft_config.get(adapter_name)
+        if not isinstance(config, ABMLLConfig) or config.beta is not None:
+            return
+        entries = sum(
+            layer.out_features * layer.in_features
+            for layer in self._abmll_layers()
+            if adapter_name in layer.abmll_global_mean_A
+        )
+        if entries:
+            config.beta = size_scaled_beta(entries, config.kl_reduction)
+            if config.loss_beta is None:
+                config.loss_beta = 1.0 if config.kl_reduction == "mean" else 1.0 / entries
+            logger.info("ABMLL: beta=None -> %.4g for %d adapted entries (%r)", config.beta, entries, adapter_name)
 
     def _post_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
         """Hook the variational terms onto the wrapped model's loss (once per tuner)."""
