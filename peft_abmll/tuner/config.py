@@ -37,7 +37,7 @@ def size_scaled_beta(num_adapted_entries: int, kl_reduction: str = "mean") -> fl
     """
     if num_adapted_entries <= 0:
         raise ValueError(f"num_adapted_entries={num_adapted_entries}: the adapter must hold at least one entry.")
-    mean_beta = BETA_PER_ENTRY * min(num_adapted_entries, BETA_FULL_SIZE)
+    mean_beta = float(f"{BETA_PER_ENTRY * min(num_adapted_entries, BETA_FULL_SIZE):.12g}")  # 232.2432, not ...03
     return mean_beta if kl_reduction == "mean" else mean_beta / num_adapted_entries
 
 
