@@ -154,7 +154,10 @@ class ABMLLView:
             raise TypeError("ABMLLView needs a PeftModel with an ABMLL adapter (get_peft_model(..., ABMLLConfig())).")
         self.tuner: ABMLLModel = tuner
         config = tuner.abmll_config()
-        self.beta = config.beta if beta is None else beta
+        chosen = config.beta if beta is None else beta  # abmll_config() has set a beta=None from the size
+        if chosen is None:
+            raise ValueError("ABMLLView: the adapter has no beta; give one, e.g. ABMLLConfig(beta=1.0).")
+        self.beta: float = chosen
         self.kl_per_entry = config.kl_reduction == "mean"
         self.prior_weight = prior_weight
 
