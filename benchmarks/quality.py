@@ -629,7 +629,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         records = run_missing(jobs, options, base, records)
         print(f"wrote {out}")
     names = {name for job in jobs for name in record_names(job)}
-    report([r for r in records if r["name"] in names and r["seed"] in options.seeds], options, out)
+    chosen = [r for r in records if r["name"] in names and r["seed"] in options.seeds]
+    if not chosen:
+        raise SystemExit(
+            f"No records of {sorted(names)} on seeds {options.seeds} in {out}: check --out, --methods / --only and "
+            "--seeds (a run without --report_only trains them)."
+        )
+    report(chosen, options, out)
 
 
 if __name__ == "__main__":

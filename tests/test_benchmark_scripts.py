@@ -604,3 +604,11 @@ def test_report_only_prints_the_tables_of_the_asked_seeds_and_runs_nothing(tmp_p
     assert "| abmll | 2 |" in printed.out and "| reptile | 2 | 80 |" in printed.out  # seed 2 left out
     assert "('pretrained', 0)" in printed.err  # what is missing is said, not run
     assert (tmp_path / "q.reliability.png").exists()
+
+
+def test_report_only_without_matching_records_says_what_to_check(tmp_path, monkeypatch) -> None:
+    """An --out with none of the asked records (a wrong path, seed or name) is refused with the fix, not a traceback."""
+    monkeypatch.setattr(quality, "load_causal_lm", lambda *a, **k: pytest.fail("--report_only loaded a model"))
+    with pytest.raises(SystemExit, match=r"No records of .*'abmll'.* on seeds \[5\]"):
+        quality.main(["--out", str(tmp_path / "missing.json"), "--methods", "abmll", "--seeds", "5", "--report_only"])
+    assert not (tmp_path / "missing.reliability.png").exists()
