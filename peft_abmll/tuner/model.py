@@ -258,11 +258,7 @@ class ABMLLModel(BaseTuner):
         config = self.peft_config.get(adapter_name)
         if not isinstance(config, ABMLLConfig) or config.beta is not None:
             return
-        entries = sum(
-            layer.out_features * layer.in_features
-            for layer in self._abmll_layers()
-            if adapter_name in layer.abmll_global_mean_A
-        )
+        entries = self.num_adapted_entries(adapter_name)
         if entries:
             config.beta = size_scaled_beta(entries, config.kl_reduction)
             if config.loss_beta is None:
