@@ -431,6 +431,15 @@ FAMILIES = {
     "mpt": ({"d_model": 32, "n_layers": 2, "n_heads": 4, "expansion_ratio": 2}, {"Wqkv", "out_proj"}),
     "codegen": ({"n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, "n_ctx": 64}, {"qkv_proj", "out_proj"}),
     "mistral": ({"intermediate_size": 64, "num_key_value_heads": 2}, {"q_proj", "v_proj", "o_proj"}),
+    "qwen3": ({"intermediate_size": 64, "num_key_value_heads": 2, "head_dim": 8}, {"q_proj", "v_proj", "o_proj"}),
+    "gemma2": ({"intermediate_size": 64, "num_key_value_heads": 2, "head_dim": 8}, {"q_proj", "v_proj", "o_proj"}),
+    "opt": ({"ffn_dim": 64, "word_embed_proj_dim": 32}, {"q_proj", "v_proj", "out_proj"}),
+    "phi": ({"intermediate_size": 64}, {"q_proj", "v_proj", "dense"}),  # MLP's fc1 / fc2 stay untouched
+    # fused query/key/value: one adapter on the fused projection, one on the output projection, not the MLP's
+    "bloom": ({}, {"query_key_value", "dense"}),
+    "gpt_neox": ({"intermediate_size": 64}, {"query_key_value", "dense"}),
+    "falcon": ({}, {"query_key_value", "dense"}),
+    "gpt_bigcode": ({"n_embd": 32, "n_layer": 2, "n_head": 4}, {"c_attn", "c_proj"}),
 }
 
 
